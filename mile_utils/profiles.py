@@ -1,0 +1,101 @@
+"""Model sizes and training defaults: ``tiny`` (CPU, minutes) and ``paper`` (MISS size, 480 px, GPU)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One model size and the training defaults that go with it."""
+
+    name: str
+    # ViT image encoder
+    image_size: int
+    patch_size: int
+    vit_hidden: int
+    vit_layers: int
+    vit_heads: int
+    vit_mlp: int
+    # JTM and decoder (two BERT-style stacks of the same size, as in BLIP/MISS)
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_mlp: int
+    max_positions: int
+    # None: the vocabulary size comes from the tokenizer (tiny); paper: bert-base-uncased + [DEC] + [ENC]
+    vocab_size: int | None
+    # training defaults (the reference's for ``paper``)
+    batch_size: int
+    lr: float
+    min_lr: float
+    weight_decay: float
+    epochs: int
+    max_question_tokens: int
+    max_answer_tokens: int
+    # generation, as in the reference: beam 3, at most 10 tokens, at least 1
+    num_beams: int = 3
+    max_answer_length: int = 10
+    min_answer_length: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PAPER = Profile(
+    name="paper",
+    image_size=480,
+    patch_size=16,
+    vit_hidden=768,
+    vit_layers=12,
+    vit_heads=12,
+    vit_mlp=3072,
+    text_hidden=768,
+    text_layers=12,
+    text_heads=12,
+    text_mlp=3072,
+    max_positions=512,
+    vocab_size=30524,
+    batch_size=20,
+    lr=1e-5,
+    min_lr=0.0,
+    weight_decay=0.05,
+    epochs=130,
+    max_question_tokens=35,
+    max_answer_tokens=10,
+)
+
+TINY = Profile(
+    name="tiny",
+    image_size=64,
+    patch_size=8,
+    vit_hidden=128,
+    vit_layers=2,
+    vit_heads=4,
+    vit_mlp=256,
+    text_hidden=128,
+    text_layers=2,
+    text_heads=4,
+    text_mlp=256,
+    max_positions=128,
+    vocab_size=None,
+    batch_size=32,
+    lr=1e-3,
+    min_lr=1e-5,
+    weight_decay=0.05,
+    epochs=6,
+    max_question_tokens=35,
+    max_answer_tokens=10,
+)
+
+PROFILES: dict[str, Profile] = {p.name: p for p in (TINY, PAPER)}
+
+
+def get_profile(profile: str | Profile) -> Profile:
+    """Return the profile called ``profile`` (``tiny`` or ``paper``); a Profile passes through."""
+    if isinstance(profile, Profile):
+        return profile
+    try:
+        return PROFILES[profile]
+    except KeyError:
+        raise ValueError(f"unknown profile {profile!r}: expected one of {sorted(PROFILES)}") from None
