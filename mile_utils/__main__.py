@@ -42,7 +42,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     summary = summarize_dataset(
         args.dataset, split=args.split, root=args.root, path=args.path, skip_bad=args.skip_bad,
-        size=args.size, seed=args.seed,
+        size=args.size, seed=args.seed, hub=args.hub or False,
     )
     if args.json:
         _print_json(summary)
@@ -54,15 +54,24 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .experiments import RunConfig, run_experiment
+    from .train import NonFiniteLossError
 
     config = RunConfig.from_cli(args)
-    results = run_experiment(config, resume=args.resume)
+    try:
+        results = run_experiment(config, resume=args.resume, keep_checkpoint=args.keep_checkpoint,
+                                 progress=not args.no_progress)
+    except (OSError, NonFiniteLossError) as err:  # unwritable --out, NaN loss: a message, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     if args.json:
         _print_json(results)
     else:
         m = results["metrics"]
+        t = results["timing"]
         print(f"{config.spec_str} ({config.profile}, {config.dataset}): open {m['open']['accuracy']:.2f} "
-              f"closed {m['closed']['accuracy']:.2f} global {m['global']['accuracy']:.2f} -> {config.out}")
+              f"closed {m['closed']['accuracy']:.2f} global {m['global']['accuracy']:.2f} "
+              f"({results['params']['percent']:.2f}% trainable, {t['wall_s']:.0f} s) -> "
+              f"{results['config']['out']}")
     return 0
 
 
@@ -95,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default=None, help="built-in set size: full, small, or a number of images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-bad", action="store_true", help="skip bad records and report them")
+    p.add_argument("--hub", nargs="?", const=True, default=None,
+                   help="download from the Hugging Face hub (slake, vqa-rad), optionally naming a hub id")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_data)
 
@@ -103,15 +114,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="synthetic", choices=("synthetic", "slake", "vqa-rad", "instruction"))
     p.add_argument("--root", default=None)
     p.add_argument("--path", default=None)
-    p.add_argument("--size", default=None)
+    p.add_argument("--size", default=None, help="built-in set size: full, small, or a number of images")
+    p.add_argument("--data-seed", type=int, default=0, help="the built-in set's generator seed")
     p.add_argument("--checkpoint", default=None, help="initial weights: BLIP/MISS .pth, HF folder/hub id")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (paper profile)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="default: the profile's")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (default: the profile's)")
+    p.add_argument("--lr", type=float, default=None, help="initial learning rate (default: the profile's)")
+    p.add_argument("--min-lr", type=float, default=None, help="cosine schedule's floor (default: profile's)")
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--loss-reduction", default="sum", choices=("sum", "mean"),
+                   help="over answer tokens: sum (BLIP/MISS) or mean")
+    p.add_argument("--eval-split", default="test")
+    p.add_argument("--eval-method", default="generate", choices=("generate", "rank"),
+                   help="beam search (the reference) or BLIP's ranking over the training answers")
+    p.add_argument("--max-train-samples", type=int, default=None)
+    p.add_argument("--max-eval-samples", type=int, default=None)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--no-cache", dest="use_cache", action="store_false",
+                   help="recompute frozen components every step (the cache never changes results)")
+    p.add_argument("--reference-quirk", action="store_true", help="the reference code's image scaling")
+    p.add_argument("--mixed-precision", default=None, choices=("no", "bf16", "fp16"),
+                   help="default: bf16 on a GPU, fp32 on CPU")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", default=None, help="run folder (default: runs/PROFILE-DATASET/SPEC)")
     p.add_argument("--resume", action="store_true", help="continue from OUT's last checkpoint")
+    p.add_argument("--keep-checkpoint", action="store_true", help="keep OUT/checkpoint.pt after the run")
+    p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train)
 

@@ -1,0 +1,167 @@
+"""One evaluation path for every method: beam-search generation (the reference's), or BLIP's answer ranking.
+
+Both start from the same question states (:func:`mile_utils.train.question_states`, frozen parts from the
+cache) and write ``predictions.jsonl`` (qid, question, answer, prediction, answer_type, content_type) before
+the metrics of :mod:`mile_utils.metrics` are computed from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .model import component_modules
+from .profiles import Profile, get_profile
+from .train import (
+    FrozenFeatures,
+    VQACollator,
+    answer_loss,
+    decoder_logits,
+    encode_answers,
+    fix_cross_attention_masks,
+    question_states,
+)
+
+METHODS = ("generate", "rank")
+
+
+def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+@torch.no_grad()
+def generate_answers(model: nn.Module, tokenizer: Any, batch: dict[str, Any], profile: Profile) -> list[str]:
+    """Beam search from [DEC] as the reference: 3 beams, at most 10 tokens, at least 1, stop at [SEP]."""
+    states = question_states(model, batch)
+    bos = torch.full((states.shape[0], 1), tokenizer.bos_token_id, dtype=torch.long, device=states.device)
+    out = component_modules(model)["dec"].generate(
+        input_ids=bos, encoder_hidden_states=states, encoder_attention_mask=batch["attention_mask"],
+        num_beams=profile.num_beams, max_length=profile.max_answer_length,
+        min_length=profile.min_answer_length, eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id, do_sample=False)
+    return [s.strip() for s in tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def rank_answers(
+    model: nn.Module, tokenizer: Any, batch: dict[str, Any], profile: Profile, candidates: Sequence[str],
+    *, k: int = 128, label_smoothing: float = 0.1,
+) -> list[str]:
+    """BLIP's ``rank_answer``: keep the ``k`` candidates whose first token is likeliest after [DEC], then pick
+    the one with the lowest answer loss (computed as in training, label smoothing included, as BLIP does)."""
+    states = question_states(model, batch)
+    qmask = batch["attention_mask"]
+    device = states.device
+    ans_ids, ans_mask, labels = (t.to(device) for t in encode_answers(tokenizer, candidates,
+                                                                       profile.max_answer_tokens))
+    n_q, k = states.shape[0], min(k, len(candidates))
+    bos, bos_mask = ans_ids[:1, :1].expand(n_q, 1), ans_mask[:1, :1].expand(n_q, 1)
+    first = decoder_logits(model, states, qmask, bos, bos_mask)
+    probs = first[:, 0].float().softmax(-1).index_select(1, ans_ids[:, 1])
+    top_ids = probs.topk(k, dim=1).indices  # (n_q, k)
+    flat = top_ids.reshape(-1)
+    logits = decoder_logits(model, states.repeat_interleave(k, 0), qmask.repeat_interleave(k, 0),
+                            ans_ids[flat], ans_mask[flat])
+    loss = answer_loss(logits, labels[flat], label_smoothing, "sum").view(n_q, k)
+    best = top_ids.gather(1, loss.argmin(1, keepdim=True)).squeeze(1)
+    return [candidates[i] for i in best.tolist()]
+
+
+def prediction_rows(
+    records: Sequence[Any], questions: Sequence[str], predictions: Sequence[str]
+) -> list[dict]:
+    """One row per record: qid, question (the text the model saw), answer, prediction, answer/content type."""
+    return [{"qid": r.qid, "question": q, "answer": r.answer, "prediction": p,
+             "answer_type": r.answer_type, "content_type": r.content_type}
+            for r, q, p in zip(records, questions, predictions, strict=True)]
+
+
+def write_predictions(path: str | Path, rows: Sequence[dict]) -> None:
+    """Write predictions.jsonl atomically (temporary file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_predictions(path: str | Path) -> list[dict]:
+    with Path(path).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def evaluate_model(
+    model: nn.Module,
+    tokenizer: Any,
+    profile: str | Profile,
+    dataset: Any,
+    *,
+    namespace: str = "",
+    out_dir: str | Path | None = None,
+    method: str = "generate",
+    candidates: Sequence[str] | None = None,
+    batch_size: int = 32,
+    device: torch.device | str | None = None,
+    autocast: Any = None,
+    dtype: torch.dtype = torch.float32,
+    use_cache: bool = True,
+    label_smoothing: float = 0.1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Predict an answer for every record of ``dataset`` (a :class:`mile_utils.data.VQADataset`) and score.
+
+    ``method="generate"`` is the reference's beam search, ``"rank"`` BLIP's answer-list ranking over
+    ``candidates`` (e.g. the training answers). ``autocast``/``dtype``: the training run's (the cache stores
+    frozen outputs in the autocast dtype, exactly what the next layer consumes). Returns ``{"metrics",
+    "predictions"}``; with ``out_dir`` the predictions are also written to ``out_dir/predictions.jsonl``.
+    """
+    from contextlib import nullcontext
+
+    from tqdm.auto import tqdm
+
+    from .metrics import compute_metrics
+
+    if method not in METHODS:
+        raise ValueError(f"evaluation method {method!r}: expected one of {METHODS}")
+    if method == "rank" and not candidates:
+        raise ValueError("method='rank' needs a non-empty candidate answer list")
+    if len(dataset) == 0:
+        raise ValueError("no evaluation records")
+    prof = get_profile(profile)
+    fix_cross_attention_masks(model)
+    if device is None:
+        device = next(model.parameters()).device
+    autocast = autocast or nullcontext
+    was_training = model.training
+    model.eval()
+    features = FrozenFeatures(model, tokenizer, prof, namespace, device=device, dtype=dtype,
+                              enabled=use_cache, batch_size=batch_size)
+    features.prepare(dataset, autocast)
+    collator = VQACollator(tokenizer, prof, dataset, need_pixels=features.needs_pixels)
+    cands = list(dict.fromkeys(candidates or ()))
+    predictions: list[str] = []
+    questions: list[str] = []
+    for chunk in tqdm(_batches(range(len(dataset)), batch_size), desc="evaluate", leave=False,
+                      disable=not progress):
+        batch = collator(chunk)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = features.attach(batch, dataset, autocast)
+        questions.extend(batch["questions"])
+        with autocast():
+            if method == "generate":
+                predictions.extend(generate_answers(model, tokenizer, batch, prof))
+            else:
+                predictions.extend(rank_answers(model, tokenizer, batch, prof, cands,
+                                                label_smoothing=label_smoothing))
+    model.train(was_training)
+    rows = prediction_rows(dataset.records, questions, predictions)
+    if out_dir is not None:
+        write_predictions(Path(out_dir) / "predictions.jsonl", rows)
+    return {"metrics": compute_metrics(rows, dataset.records), "predictions": rows}

@@ -1,0 +1,102 @@
+"""The experiment runner: results.json schema, predictions, grid skipping, unwritable output, paper grid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mile_utils.experiments import RunConfig, paper_grid, paper_rows, run_experiment, run_grid
+from mile_utils.profiles import get_profile
+
+FAST = dict(profile="tiny", dataset="synthetic", size=24, epochs=2, batch_size=16, max_train_samples=64,
+            max_eval_samples=32)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "F-T-lora"
+    config = RunConfig(spec="F/T/lora", out=str(out), **FAST)
+    return config, run_experiment(config, progress=False)
+
+
+def test_results_json_schema(finished):
+    config, results = finished
+    out = config.resolved().out
+    on_disk = json.loads((Path(out) / "results.json").read_text())
+    assert on_disk == results
+    assert results["config"]["spec_str"] == "F/T/lora" and results["config"]["epochs"] == 2
+    params = results["params"]
+    assert 0 < params["trainable"] < params["total"] and 0 < params["percent"] < 100
+    assert set(params["components"]) == {"vit", "jtm", "dec"}
+    assert params["components"]["vit"]["trainable"] == 0
+    for block in ("open", "closed", "global"):
+        assert 0.0 <= results["metrics"][block]["accuracy"] <= 100.0
+    assert "yes_no" in results["metrics"]
+    assert results["timing"]["wall_s"] > 0 and results["timing"]["train_samples_per_s"] > 0
+    assert results["memory"]["peak_bytes"] > 0 and results["memory"]["kind"] == "process_peak_rss"
+    env = results["environment"]
+    assert {"torch", "transformers", "peft", "accelerate", "device", "python"} <= set(env)
+    assert [h["epoch"] for h in results["history"]] == [1, 2]
+    assert results["cache"]["vit"] and not results["cache"]["jtm"]
+
+
+def test_predictions_and_weights_written(finished):
+    config, results = finished
+    out = Path(config.resolved().out)
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == results["data"]["eval"] == 32
+    assert set(rows[0]) == {"qid", "question", "answer", "prediction", "answer_type", "content_type"}
+    assert (out / "weights" / "adapter_spec.json").is_file()
+    assert not (out / "checkpoint.pt").exists()  # deleted once results are safe
+
+
+def test_grid_skips_finished_runs(finished, monkeypatch):
+    config, results = finished
+    import mile_utils.experiments as experiments
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(experiments, "train_model", fail)
+    table = run_grid([config], progress=False)
+    assert len(table) == 1 and table.loc[0, "spec"] == "F/T/lora"
+    assert table.loc[0, "global"] == results["metrics"]["global"]["accuracy"]
+    with pytest.raises(AssertionError, match="trained again"):  # another config in the same folder reruns
+        run_grid([RunConfig(spec="F/T/lora", out=config.out, **{**FAST, "epochs": 3})], progress=False)
+
+
+def test_unwritable_output_fails_before_training(tmp_path, monkeypatch):
+    import mile_utils.experiments as experiments
+
+    monkeypatch.setattr(experiments, "train_model", lambda *a, **k: pytest.fail("training started"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(PermissionError, match="not writable"):
+        run_experiment(RunConfig(out=str(blocker / "run"), **FAST), progress=False)
+
+
+def test_paper_grid_has_the_23_rows_and_full_fine_tuning(tmp_path):
+    rows = paper_rows()
+    assert len(rows) == 24 and rows[-1]["spec"] == "T/T/T"
+    configs = paper_grid(RunConfig(**FAST), out_root=tmp_path)
+    assert len({c.out for c in configs}) == 24  # one folder per configuration
+    lora = [c for c in configs if c.spec.dec == "lora" and c.spec.jtm == "lora" and c.spec.vit == "F"]
+    assert sorted(c.spec.rank for c in lora) == [4, 8]
+    assert {c.spec_str for c in configs} >= {"F/F/prefix", "F/ia3/ia3", "T/T/ptv2", "F/T/lora"}
+    only = paper_grid(RunConfig(**FAST), specs=["F/F/prefix", "T/T/T"], out_root=tmp_path)
+    assert [c.spec_str for c in only] == ["F/F/prefix", "T/T/T"]
+
+
+def test_cli_config_round_trip():
+    from mile_utils.__main__ import build_parser
+
+    args = build_parser().parse_args(["train", "--vit", "F", "--jtm", "lora", "--dec", "lora", "--rank", "8",
+                                      "--epochs", "3", "--out", "x", "--no-cache",
+                                      "--max-train-samples", "10"])
+    config = RunConfig.from_cli(args)
+    assert config.spec_str == "F/lora/lora" and config.spec.rank == 8 and config.epochs == 3
+    assert config.use_cache is False and config.max_train_samples == 10
+    assert RunConfig.from_dict(json.loads(json.dumps(config.to_dict()))).run_key() == config.run_key()
+    assert config.lr is None and config.resolved().lr == get_profile("tiny").lr  # profile default filled
