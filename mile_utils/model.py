@@ -146,6 +146,10 @@ def blip_config(profile: str | Profile = "tiny", tokenizer: PreTrainedTokenizerB
         num_attention_heads=prof.vit_heads,
         image_size=prof.image_size,
         patch_size=prof.patch_size,
+        # BLIP's ViT (timm) uses LayerNorm eps 1e-6 and trunc-normal init with std 0.02; transformers' BLIP
+        # defaults (1e-5, std 1e-10) would leave a randomly initialised ViT with near-zero weights that barely learn
+        layer_norm_eps=1e-6,
+        initializer_range=0.02,
     )
     config = BlipConfig(text_config=text, vision_config=vision)
     # BLIP's text stacks compute attention explicitly; eager keeps masks additive and identical across versions.
