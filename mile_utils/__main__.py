@@ -63,6 +63,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (OSError, NonFiniteLossError) as err:  # unwritable --out, NaN loss: a message, not a traceback
         print(f"error: {err}", file=sys.stderr)
         return 1
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under `accelerate launch`, one report, not one per process
+        return 0
     if args.json:
         _print_json(results)
     else:

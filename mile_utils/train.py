@@ -548,9 +548,7 @@ def train_model(
         raise ValueError(f"epochs must be at least 1, got {options.epochs}")
     if len(dataset) == 0:
         raise ValueError("no training records")
-    torch.manual_seed(options.seed)
-    random.seed(options.seed)
-    np.random.seed(options.seed)
+    _seed_all(options.seed)
 
     fix_cross_attention_masks(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -600,7 +598,9 @@ def train_model(
     result.cached = {"vit": features.vit_cached, "jtm": features.jtm_cached,
                      "entries_computed": features.computed}
     if rng is not None:
-        _set_rng_state(rng)  # after model building and caching: the loop continues exactly where it stopped
+        # after model building and caching; redundant with each epoch's reseeding from (seed, epoch) below,
+        # kept so that a checkpoint restores the RNG states exactly as they were saved
+        _set_rng_state(rng)
 
     steps_per_epoch = len(loader)
     bar = tqdm(total=options.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
@@ -612,22 +612,36 @@ def train_model(
         lr = cosine_lr(epoch, options.epochs, options.lr, options.min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        # Everything random in an epoch derives from (seed, epoch) alone, so epoch e of a resumed run is epoch e
+        # of an uninterrupted one by construction: the dropout RNG is reseeded here, and the epoch goes to the
+        # prepared loader, not only to the sampler (Accelerate's DataLoaderShard.__iter__ re-sets its sampler's
+        # epoch to the number of epochs iterated IN THIS PROCESS, which after a resume is not the epoch).
+        _seed_all(epoch_seed(options.seed, epoch))
         sampler.set_epoch(epoch)
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
         _set_epoch(dataset, epoch)
         loss_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
         seen = 0
         for step, batch in enumerate(loader):
             batch = features.attach(batch, dataset, acc.autocast)
+            real, global_real = _real_rows(step, len(dataset), options.batch_size, acc.num_processes,
+                                           acc.process_index, len(batch["indices"]))
             with acc.accumulate(step_module):
                 with acc.autocast():
                     per_answer = step_module(batch)
-                    loss = per_answer.mean()  # BLIP: loss.sum() / batch size
+                    if acc.num_processes == 1:
+                        loss = per_answer.mean()  # BLIP: loss.sum() / batch size
+                    else:
+                        # DDP averages the processes' gradients: each contributes its real rows' sum
+                        # * N / (real rows of the global batch), so N processes == one with the global batch
+                        loss = per_answer[:real].sum() * (acc.num_processes / global_real)
                 _check_finite(acc, loss, epoch, step, ckpt_path)
                 acc.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            loss_sum += per_answer.detach().double().sum()
-            seen += per_answer.shape[0]
+            loss_sum += per_answer[:real].detach().double().sum()
+            seen += real
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
         total = acc.reduce(torch.stack([loss_sum, torch.tensor(float(seen), device=acc.device,
@@ -657,6 +671,30 @@ def train_model(
     if options.gradient_checkpointing:
         base.gradient_checkpointing_disable()
     return result
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's randomness (dropout, anything drawn from the global RNGs): a function of both."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)  # CPU and every CUDA device
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def _real_rows(step: int, n: int, batch_size: int, num_processes: int, process_index: int,
+               local_rows: int) -> tuple[int, int]:
+    """(rows of this process's slice that are real samples, real samples in the global batch) at ``step``.
+
+    Under split_batches each process takes rows ``[k * B/N, (k + 1) * B/N)`` of global batch ``step``; a short
+    last batch is padded (Accelerate's even_batches) with samples from the epoch's start, which must neither
+    count twice in the loss nor in the gradient. The real rows always come first.
+    """
+    global_real = min(batch_size, n - step * batch_size)
+    start = process_index * (batch_size // num_processes)
+    return max(0, min(local_rows, global_real - start)), global_real
 
 
 def _set_epoch(dataset: Any, epoch: int) -> None:
