@@ -391,7 +391,49 @@ def paper_grid(base: RunConfig | None = None, *, include_full: bool = True,
     return configs
 
 
+# ------------------------------------------------------------------------------------ finished runs as models
+def trained_model(config: RunConfig) -> tuple[Any, Any]:
+    """Tokenizer and model of a finished run: its initial weights, its spec, then its trained weights."""
+    from .adapters import load_adapters
+
+    cfg = config.resolved()
+    weights = Path(cfg.out) / "weights"
+    if not weights.is_dir():
+        raise FileNotFoundError(f"{weights}: the run has no trained weights (has it finished?)")
+    tokenizer, model = build_run(cfg)
+    load_adapters(model, cfg.spec, weights)
+    return tokenizer, model.eval()
+
+
+def export_model(config: RunConfig, dest: str | Path) -> Path:
+    """Write a finished run's whole model to ``dest`` (a folder ``RunConfig.checkpoint`` accepts); kept if there."""
+    from .checkpoints import save_trained
+
+    dest = Path(dest)
+    if not (dest / "model.safetensors").is_file():
+        save_trained(trained_model(config)[1], dest, metadata={"run": str(config.resolved().out)})
+    return dest
+
+
+def pretrained_stand_in(runs_dir: str | Path, *, seed: int = 0, data_seed: int = 0, size: str | int = "full",
+                        progress: bool = True) -> str:
+    """The starting weights of the ``tiny`` profile's chapters: a small stand-in for pretrained MISS.
+
+    The paper froze and adapted *pretrained* components; there are no pretrained weights of the tiny size, and
+    a frozen random ViT says nothing about freezing. So the stand-in is the tiny model fully trained (T/T/T,
+    the profile's defaults) on another instance of the built-in set (generator seed ``data_seed + 1``: other
+    scans and questions than the chapters train and test on); the chapters then fine-tune it. It is trained
+    once, in ``runs_dir/tiny-pretrained``; returns the folder of the exported model (for ``checkpoint``).
+    """
+    root = Path(runs_dir) / "tiny-pretrained"
+    cfg = RunConfig(profile="tiny", dataset="synthetic", spec="T/T/T", size=size, seed=seed,
+                    data_seed=data_seed + 1, out=str(root / "T-T-T"))
+    run_experiment(cfg, skip_finished=True, progress=progress)
+    return str(export_model(cfg, root / f"model-{cfg.run_key()}"))
+
+
 __all__ = [
     "RunConfig", "run_experiment", "run_grid", "collect_results", "results_row", "paper_rows", "paper_grid",
-    "paper_reference", "load_results", "check_writable", "build_run", "peak_memory",
+    "paper_reference", "load_results", "check_writable", "build_run", "peak_memory", "trained_model",
+    "export_model", "pretrained_stand_in",
 ]
