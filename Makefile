@@ -63,7 +63,7 @@ html: venv
 	mkdir -p $(EXECUTED)/book
 	cp book/*.md $(EXECUTED)/book/
 	cp references.bib $(EXECUTED)/
-	$(VENV)/bin/jupyter-book build $(EXECUTED) --config _config.yml --toc _toc.yml --path-output . \
+	$(VENV)/bin/jupyter-book build $(EXECUTED) --config $(abspath _config.yml) --toc $(abspath _toc.yml) --path-output . \
 	  --warningiserror --keep-going --all --builder html
 
 book: notebooks
