@@ -219,6 +219,22 @@ def interpolate_pos_embed(pos_embed: Tensor, num_patches: int, num_extra_tokens:
     return torch.cat((extra, grid), dim=1)
 
 
+def _adapt_to_model(
+    sd: dict[str, Tensor], report: LoadReport, model: torch.nn.Module, *, resize_vocab: bool, where: str
+) -> None:
+    """:func:`_adapt_sizes` to ``model``'s image size, patch size and vocabulary."""
+    sizes = _model_sizes(model)
+    _adapt_sizes(
+        sd,
+        report,
+        image_size=sizes["image_size"],
+        patch_size=sizes["patch_size"] or 16,
+        vocab_size=sizes["vocab_size"],
+        resize_vocab=resize_vocab,
+        where=where,
+    )
+
+
 def _adapt_sizes(
     sd: dict[str, Tensor],
     report: ConversionReport | LoadReport,
@@ -552,15 +568,7 @@ def _load_state_dict(
         # unmapped original keys stay under their original names, so they are reported as unexpected
         sd.update({k: torch.empty(0) for k in conv.unmapped})
     elif not _is_peft(model):
-        _adapt_sizes(
-            sd,
-            report,
-            image_size=sizes["image_size"],
-            patch_size=sizes["patch_size"] or 16,
-            vocab_size=sizes["vocab_size"],
-            resize_vocab=resize_vocab,
-            where=source,
-        )
+        _adapt_to_model(sd, report, model, resize_vocab=resize_vocab, where=source)
     return _load_into(model, sd, strict=strict, report=report)
 
 
@@ -633,16 +641,7 @@ def _load_huggingface(
                 report.notes.append(f"{part}.{tid} differs (checkpoint {a}, model {b}): the model's is kept")
     sd = dict(pretrained.state_dict())
     del pretrained
-    sizes = _model_sizes(model)
-    _adapt_sizes(
-        sd,
-        report,
-        image_size=sizes["image_size"],
-        patch_size=sizes["patch_size"] or 16,
-        vocab_size=sizes["vocab_size"],
-        resize_vocab=resize_vocab,
-        where=source,
-    )
+    _adapt_to_model(sd, report, model, resize_vocab=resize_vocab, where=source)
     return _load_into(model, sd, strict=strict, report=report)
 
 
