@@ -310,7 +310,9 @@ def results_row(results: dict[str, Any]) -> dict[str, Any]:
     spec = cfg["spec"]
     row = {
         "spec": cfg.get("spec_str") or f"{spec['vit']}/{spec['jtm']}/{spec['dec']}",
-        "vit": spec["vit"], "jtm": spec["jtm"], "dec": spec["dec"], "rank": spec.get("rank"),
+        # the rank means something only where LoRA is used; elsewhere it is left empty in tables
+        "vit": spec["vit"], "jtm": spec["jtm"], "dec": spec["dec"],
+        "rank": spec.get("rank") if "lora" in (spec["vit"], spec["jtm"], spec["dec"]) else None,
         "profile": cfg["profile"], "dataset": cfg["dataset"], "epochs": cfg["epochs"], "seed": cfg["seed"],
         "trainable_pct": p.get("percent"), "trainable": p.get("trainable"), "total": p.get("total"),
         "open": m["open"]["accuracy"], "closed": m["closed"]["accuracy"], "global": m["global"]["accuracy"],

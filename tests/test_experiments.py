@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mile_utils.experiments import RunConfig, paper_grid, paper_rows, run_experiment, run_grid
+from mile_utils.experiments import RunConfig, paper_grid, paper_rows, results_row, run_experiment, run_grid
 from mile_utils.profiles import get_profile
 
 FAST = dict(profile="tiny", dataset="synthetic", size=24, epochs=2, batch_size=16, max_train_samples=64,
@@ -63,6 +63,11 @@ def test_grid_skips_finished_runs(finished, monkeypatch):
     table = run_grid([config], progress=False)
     assert len(table) == 1 and table.loc[0, "spec"] == "F/T/lora"
     assert table.loc[0, "global"] == results["metrics"]["global"]["accuracy"]
+    assert table.loc[0, "rank"] == 4
+    # a run without LoRA has no rank in the table
+    no_lora = {**results, "config": {**results["config"], "spec": {**results["config"]["spec"], "dec": "T"},
+                                     "spec_str": "F/T/T"}}
+    assert results_row(no_lora)["rank"] is None
     with pytest.raises(AssertionError, match="trained again"):  # another config in the same folder reruns
         run_grid([RunConfig(spec="F/T/lora", out=config.out, **{**FAST, "epochs": 3})], progress=False)
 
