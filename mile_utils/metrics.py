@@ -1,50 +1,36 @@
-"""Med-VQA metrics, matched by ``qid`` (never by list order), with confidence intervals.
+"""Med-VQA metrics, matched by ``qid`` (never by list order), with Wilson 95 % intervals, in percent.
 
-Two definitions of "closed" are reported side by side because the literature mixes them:
-
-* ``answer_type == "CLOSED"`` (the datasets' own label, the standard; SLAKE English test: 416 closed / 645
-  open) -> top-level ``open``, ``closed``, ``global``;
-* a yes/no gold answer (what the MILE paper's tables used: 355 of SLAKE's 1,061 English test questions) ->
-  ``yes_no.open``, ``yes_no.closed``, ``yes_no.global``.
-
-Exact match is on :func:`normalize_answer` forms. Accuracies, precision/recall/F1, token metrics and interval
-bounds are percentages; an empty group has ``accuracy`` None. Nothing here touches the network.
+"Closed" has two definitions in the literature, reported side by side: ``answer_type == "CLOSED"`` (the
+datasets' own label) -> ``open/closed/global``; a yes/no gold answer (the MILE paper's tables: 355 of SLAKE's
+1,061 English test questions) -> ``yes_no.{open,closed,global}``. Matching is on :func:`normalize_answer` forms.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 _PUNCT = re.compile(r"[^\w\s]|_")
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-Z_95 = 1.959963984540054
 
 
 def normalize_answer(text: Any) -> str:
-    """Lower case, punctuation -> space, articles (a/an/the) removed, whitespace collapsed."""
-    s = _PUNCT.sub(" ", str(text).lower())
-    return " ".join(_ARTICLES.sub(" ", s).split())
+    """Lower case, punctuation -> space, articles removed unless the answer is nothing else ("A" -> "a")."""
+    words = _PUNCT.sub(" ", str(text).lower()).split()
+    return " ".join([w for w in words if w not in ("a", "an", "the")] or words)
 
 
-def wilson_interval(correct: int, n: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval for a proportion, in percent (sane at 0 % and 100 %, unlike p +- z*se)."""
-    if n == 0:
-        return 0.0, 100.0
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return 100 * max(0.0, centre - half), 100 * min(1.0, centre + half)
-
-
-def _accuracy(flags: Sequence[bool]) -> dict[str, Any]:
+def _accuracy(flags: Sequence[bool], z: float = 1.959963984540054) -> dict[str, Any]:
+    """Accuracy with its Wilson 95 % score interval (sane at 0 % and 100 %, unlike p +- z*se)."""
     n, c = len(flags), int(sum(flags))
-    low, high = wilson_interval(c, n)
-    return {"accuracy": 100 * c / n if n else None, "n": n, "correct": c, "ci_low": low, "ci_high": high}
+    if n == 0:
+        return {"accuracy": None, "n": 0, "correct": 0, "ci_low": 0.0, "ci_high": 100.0}
+    p, denom = c / n, 1 + z * z / n
+    centre, half = (p + z * z / (2 * n)) / denom, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return {"accuracy": 100 * c / n, "n": n, "correct": c, "ci_low": 100 * max(0.0, centre - half),
+            "ci_high": 100 * min(1.0, centre + half)}
 
 
 def _get(record: Any, name: str) -> Any:
@@ -56,169 +42,104 @@ def _prediction_map(predictions: Mapping[Any, Any] | Iterable[Mapping[str, Any]]
         return {str(k): "" if v is None else str(v) for k, v in predictions.items()}
     out: dict[str, str] = {}
     for i, row in enumerate(predictions):
-        if not isinstance(row, Mapping) or "qid" not in row:
+        if not isinstance(row, Mapping) or "qid" not in row or "prediction" not in row:
             raise ValueError(f"prediction {i}: expected a mapping with 'qid' and 'prediction', got {row!r}")
-        key = "prediction" if "prediction" in row else "pred" if "pred" in row else None
-        if key is None:
-            raise ValueError(f"prediction {i} (qid={row['qid']!r}): missing field 'prediction'")
-        qid = str(row["qid"])
-        if qid in out:
+        if str(row["qid"]) in out:
             raise ValueError(f"prediction {i}: qid {row['qid']!r} predicted twice")
-        out[qid] = "" if row[key] is None else str(row[key])
+        out[str(row["qid"])] = "" if row["prediction"] is None else str(row["prediction"])
     return out
 
 
-def _token_scores(pred: str, gold: str) -> tuple[float, float, float, float]:
+def _token_scores(pred: str, gold: str) -> tuple[float, ...]:
     """Token precision, recall, F1 and BLEU-1 of one normalised answer pair (fractions)."""
     p_tok, g_tok = pred.split(), gold.split()
-    if not g_tok:
-        same = float(not p_tok)
-        return same, same, same, same
-    if not p_tok:
-        return 0.0, 0.0, 0.0, 0.0
+    if not g_tok or not p_tok:
+        return (float(not p_tok and not g_tok),) * 4
     overlap = sum((Counter(p_tok) & Counter(g_tok)).values())  # clipped counts, as BLEU does
     precision, recall = overlap / len(p_tok), overlap / len(g_tok)
     f1 = 2 * precision * recall / (precision + recall) if overlap else 0.0
-    brevity = 1.0 if len(p_tok) > len(g_tok) else math.exp(1 - len(g_tok) / len(p_tok))
-    return precision, recall, f1, brevity * precision
+    return precision, recall, f1, precision * min(1.0, math.exp(1 - len(g_tok) / len(p_tok)))
 
 
-def _yes_no_prf(pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
-    """P/R/F1 with "yes" as the positive class over yes/no gold answers; other predictions are just wrong."""
-    labels, predicted = ("yes", "no"), ("yes", "no", "other")
-    matrix = [[0, 0, 0], [0, 0, 0]]
-    for pred, gold in pairs:
-        matrix[labels.index(gold)][predicted.index(pred) if pred in labels else 2] += 1
-    tp, fn = matrix[0][0], matrix[0][1] + matrix[0][2]
-    fp, tn = matrix[1][0], matrix[1][1]
-    precision = tp / (tp + fp) if tp + fp else 0.0  # zero_division=0, as scikit-learn's default
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {
-        "precision": 100 * precision,
-        "recall": 100 * recall,
-        "f1": 100 * f1,
-        "n": len(pairs),
-        "tp": tp,
-        "fp": fp,
-        "fn": fn,
-        "tn": tn,
-        "confusion": {"gold": list(labels), "predicted": list(predicted), "matrix": matrix},
-    }
+def _yes_no_prf(gold: list[str], pred: list[str]) -> dict[str, Any]:
+    """P/R/F1 with "yes" positive over yes/no gold answers (scikit-learn); other predictions are just wrong."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    labels = ["yes", "no", "other"]
+    pred = [p if p in labels[:2] else "other" for p in pred]
+    matrix = confusion_matrix(gold, pred, labels=labels)[:2].tolist() if gold else [[0] * 3, [0] * 3]
+    p, r = precision_recall_fscore_support(gold, pred, labels=["yes"], zero_division=0)[:2] if gold else ([0], [0])
+    # F1 as the harmonic mean of P and R (scikit-learn's own F1 formula rounds the last digit differently)
+    f1 = 2 * float(p[0]) * float(r[0]) / (p[0] + r[0]) if p[0] + r[0] else 0.0
+    (tp, fn_no, fn_other), (fp, tn, _) = matrix
+    return {"precision": 100 * float(p[0]), "recall": 100 * float(r[0]), "f1": 100 * float(f1), "n": len(gold),
+            "tp": tp, "fp": fp, "fn": fn_no + fn_other, "tn": tn,
+            "confusion": {"gold": labels[:2], "predicted": labels, "matrix": matrix}}
 
 
-def compute_metrics(
-    predictions: Mapping[Any, Any] | Iterable[Mapping[str, Any]],
-    records: Sequence[Any],
-    *,
-    missing: str = "error",
-) -> dict[str, Any]:
-    """All metrics of ``predictions`` (qid -> answer, or rows with ``qid`` and ``prediction``) on ``records``.
-
-    ``records`` are :class:`~mile_utils.data.Record` (or mappings with ``qid, answer, answer_type,
-    content_type``). qids compare as strings, so 7 and "7" match. A prediction for a qid not in ``records``
-    is an error. A record without a prediction is an error by default (a silently shorter evaluation would
-    inflate accuracy); ``missing="wrong"`` counts it wrong instead and reports it under ``missing``.
-
-    Returns ``open``/``closed``/``global`` (answer_type definition) and ``yes_no.{open,closed,global}``
-    (yes/no definition), each ``{accuracy, n, correct, ci_low, ci_high}``; ``closed_prf`` (yes positive,
-    with the confusion matrix); ``open_tokens`` (token precision/recall/F1 and BLEU-1, mean over OPEN
-    questions); ``content_types`` (accuracy per content type); ``n``, ``missing``, ``missing_qids``.
+def compute_metrics(predictions: Mapping[Any, Any] | Iterable[Mapping[str, Any]], records: Sequence[Any], *,
+                    missing: str = "error") -> dict[str, Any]:
+    """All metrics of ``predictions`` (qid -> answer, or rows with ``qid`` and ``prediction``) on ``records``
+    (:class:`~mile_utils.data.Record` or mappings with ``qid, answer, answer_type, content_type``); qids compare
+    as strings. A prediction for an unknown qid is an error; so is a record without one, unless ``missing="wrong"``
+    (counted wrong, listed under ``missing``). Returns ``open/closed/global``, ``yes_no``, ``closed_prf`` (yes
+    positive, confusion matrix), ``open_tokens`` (mean token P/R/F1, BLEU-1 over OPEN questions), ``content_types``.
     """
     if missing not in ("error", "wrong"):
         raise ValueError(f"missing={missing!r}: expected 'error' or 'wrong'")
-    preds = _prediction_map(predictions)
-    gold_by_qid: dict[str, Any] = {}
+    preds, gold_by_qid = _prediction_map(predictions), {}
     for rec in records:
-        qid = str(_get(rec, "qid"))
-        if qid in gold_by_qid:
-            raise ValueError(f"records: qid {qid!r} appears twice; metrics match predictions by qid")
-        gold_by_qid[qid] = rec
-    unknown = [q for q in preds if q not in gold_by_qid]
+        if str(_get(rec, "qid")) in gold_by_qid:
+            raise ValueError(f"records: qid {str(_get(rec, 'qid'))!r} appears twice; metrics match by qid")
+        gold_by_qid[str(_get(rec, "qid"))] = rec
+    unknown, absent = [q for q in preds if q not in gold_by_qid], [q for q in gold_by_qid if q not in preds]
     if unknown:
         raise ValueError(f"{len(unknown)} prediction(s) for qids not in the records, e.g. {unknown[:5]}")
-    absent = [q for q in gold_by_qid if q not in preds]
     if absent and missing == "error":
-        raise ValueError(
-            f"{len(absent)} record(s) have no prediction, e.g. qids {absent[:5]} "
-            "(pass missing='wrong' to count them wrong)"
-        )
-
-    groups: dict[str, list[bool]] = {k: [] for k in ("open", "closed", "yn_open", "yn_closed")}
-    by_type: dict[str, list[bool]] = {}
-    yes_no_pairs: list[tuple[str, str]] = []
-    token_sums = [0.0, 0.0, 0.0, 0.0]
-    n_open = 0
-    everything: list[bool] = []
+        raise ValueError(f"{len(absent)} record(s) have no prediction, e.g. qids {absent[:5]} "
+                         "(pass missing='wrong' to count them wrong)")
+    groups: dict[str, list[bool]] = {k: [] for k in ("open", "closed", "yn_open", "yn_closed", "global")}
+    yes_no: list[tuple[str, str]] = []
+    sums, n_open = [0.0] * 4, 0  # token scores added in record order, as ever (sum() may round differently)
     for qid, rec in gold_by_qid.items():
-        gold = normalize_answer(_get(rec, "answer"))
-        pred = normalize_answer(preds.get(qid, ""))
-        ok = qid in preds and pred == gold
-        everything.append(ok)
-        closed = str(_get(rec, "answer_type")).strip().upper() == "CLOSED"
-        groups["closed" if closed else "open"].append(ok)
-        yes_no = gold in ("yes", "no")
-        groups["yn_closed" if yes_no else "yn_open"].append(ok)
-        by_type.setdefault(str(_get(rec, "content_type")), []).append(ok)
-        if yes_no:
-            yes_no_pairs.append((pred, gold))
+        gold, pred = normalize_answer(_get(rec, "answer")), normalize_answer(preds.get(qid, ""))
+        closed, yn = str(_get(rec, "answer_type")).strip().upper() == "CLOSED", gold in ("yes", "no")
+        for group in ("closed" if closed else "open", "yn_closed" if yn else "yn_open", "global",
+                      "type:" + str(_get(rec, "content_type"))):
+            groups.setdefault(group, []).append(qid in preds and pred == gold)
+        yes_no += [(gold, pred)] if yn else []
         if not closed:
-            n_open += 1
-            for i, value in enumerate(_token_scores(pred, gold)):
-                token_sums[i] += value
-
-    def mean(i: int) -> float | None:
-        return 100 * token_sums[i] / n_open if n_open else None
-
-    return {
-        "n": len(everything),
-        "open": _accuracy(groups["open"]),
-        "closed": _accuracy(groups["closed"]),
-        "global": _accuracy(everything),
-        "yes_no": {
-            "open": _accuracy(groups["yn_open"]),
-            "closed": _accuracy(groups["yn_closed"]),
-            "global": _accuracy(everything),
-        },
-        "closed_prf": _yes_no_prf(yes_no_pairs),
-        "open_tokens": {
-            "n": n_open,
-            "precision": mean(0),
-            "recall": mean(1),
-            "f1": mean(2),
-            "bleu1": mean(3),
-        },
-        "content_types": {k: _accuracy(v) for k, v in sorted(by_type.items())},
-        "missing": len(absent),
-        "missing_qids": absent[:20],
-    }
+            sums, n_open = [a + b for a, b in zip(sums, _token_scores(pred, gold), strict=True)], n_open + 1
+    mean = [100 * total / n_open if n_open else None for total in sums]
+    acc = {k: _accuracy(v) for k, v in groups.items()}
+    return {"n": len(groups["global"]), "open": acc["open"], "closed": acc["closed"], "global": acc["global"],
+            "yes_no": {"open": acc["yn_open"], "closed": acc["yn_closed"], "global": acc["global"]},
+            "closed_prf": _yes_no_prf([g for g, _ in yes_no], [p for _, p in yes_no]),
+            "open_tokens": {"n": n_open, "precision": mean[0], "recall": mean[1], "f1": mean[2], "bleu1": mean[3]},
+            "content_types": {k[5:]: v for k, v in sorted(acc.items()) if k.startswith("type:")},
+            "missing": len(absent), "missing_qids": absent[:20]}
 
 
 def _most_common(counter: Counter) -> str:
-    # ties broken alphabetically so a baseline never depends on record order
-    return min(counter.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+    return min(counter.items(), key=lambda kv: (-kv[1], kv[0]))[0]  # ties alphabetical: order-independent
 
 
 def majority_baseline(train: Sequence[Any], test: Sequence[Any]) -> dict[str, Any]:
     """Metrics of answering every test question with the most frequent (normalised) training answer."""
     answer = _most_common(Counter(normalize_answer(_get(r, "answer")) for r in train))
-    metrics = compute_metrics({_get(r, "qid"): answer for r in test}, test)
-    return {"baseline": "majority", "prediction": answer, **metrics}
+    return {"baseline": "majority", "prediction": answer,
+            **compute_metrics({_get(r, "qid"): answer for r in test}, test)}
 
 
 def question_only_baseline(train: Sequence[Any], test: Sequence[Any]) -> dict[str, Any]:
-    """Metrics of a model that sees only the question: the most frequent training answer to the same
-    (normalised) question text, else the overall majority. An upper bound on what text alone gives here."""
-    per_question: dict[str, Counter] = {}
+    """Metrics of the most frequent training answer to the same (normalised) question text, else the overall
+    majority: an upper bound on what the question text alone gives here."""
+    per_question: dict[str, Counter] = defaultdict(Counter)
     for r in train:
-        per_question.setdefault(normalize_answer(_get(r, "question")), Counter())[
-            normalize_answer(_get(r, "answer"))
-        ] += 1
+        per_question[normalize_answer(_get(r, "question"))][normalize_answer(_get(r, "answer"))] += 1
     fallback = _most_common(Counter(normalize_answer(_get(r, "answer")) for r in train))
-    preds, seen = {}, 0
-    for r in test:
-        counter = per_question.get(normalize_answer(_get(r, "question")))
-        seen += counter is not None
-        preds[_get(r, "qid")] = _most_common(counter) if counter else fallback
-    metrics = compute_metrics(preds, test)
-    return {"baseline": "question-only", "seen_questions": 100 * seen / len(test) if test else 0.0, **metrics}
+    counters = [per_question.get(normalize_answer(_get(r, "question"))) for r in test]
+    preds = {_get(r, "qid"): _most_common(c) if c else fallback for r, c in zip(test, counters, strict=True)}
+    seen = 100 * sum(c is not None for c in counters) / len(test) if test else 0.0
+    return {"baseline": "question-only", "seen_questions": seen,
+            **compute_metrics(preds, test)}

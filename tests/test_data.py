@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -18,10 +20,8 @@ from mile_utils.data import (
     ImageTransform,
     Record,
     VQADataset,
-    fingerprint,
     generate_synthetic,
     load_records,
-    scan_meta,
     summarize_dataset,
     synthetic_dir,
     unique_image_tensors,
@@ -48,7 +48,12 @@ def test_synthetic_same_seed_same_bytes(tmp_path: Path) -> None:
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
-    assert fingerprint(a) == fingerprint(b) != fingerprint(c)
+    assert (a / "train.json").read_bytes() != (c / "train.json").read_bytes()
+    assert (a / "imgs" / "syn00000.png").read_bytes() != (c / "imgs" / "syn00000.png").read_bytes()
+
+
+def scan_meta(root: Path) -> dict[str, dict]:
+    return {row["img_name"]: row for row in json.loads((root / "meta.json").read_text(encoding="utf-8"))}
 
 
 def test_synthetic_cache_is_reused_and_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -125,6 +130,7 @@ def test_synthetic_bad_size() -> None:
 
 # ---------------------------------------------------------------- SLAKE folder
 def make_slake(root: Path) -> Path:
+    """The official ``Slake1.0`` layout: train.json, validate.json, test.json and imgs/xmlab<N>/source.jpg."""
     base = root / "Slake1.0"
     for name in ("xmlab0", "xmlab1"):
         (base / "imgs" / name).mkdir(parents=True)
@@ -137,7 +143,7 @@ def make_slake(root: Path) -> Path:
              {**row, "qid": 3, "img_name": "xmlab1/source.jpg", "question": "Which organ?", "answer": "Lung",
               "answer_type": "OPEN", "content_type": "Organ"}]
     (base / "train.json").write_text(json.dumps(train), encoding="utf-8")
-    (base / "validation.json").write_text(json.dumps([{**row, "qid": 10}]), encoding="utf-8")
+    (base / "validate.json").write_text(json.dumps([{**row, "qid": 10}]), encoding="utf-8")
     (base / "test.json").write_text(json.dumps([{**row, "qid": 20, "q_lang": "zh"}]), encoding="utf-8")
     return base
 
@@ -151,54 +157,65 @@ def test_slake_folder(tmp_path: Path) -> None:
         "xmlab0/source.jpg", "Yes", "CLOSED", "Modality", "en")
     assert r.meta["location"] == "Lung" and r.load_image().mode == "RGB"
     assert len(load_records("slake", "train", root=tmp_path, lang=None)) == 3  # parent folder works too
-    assert [r.qid for r in load_records("slake", "val", root=base)] == [10]
+    # the official validate.json is the validation split, under every alias
+    for alias in ("validation", "validate", "val", "valid", "dev", "Validate"):
+        recs = load_records("slake", alias, root=base)
+        assert [(r.qid, r.split) for r in recs] == [(10, "validation")]
+    assert summarize_dataset("slake", "validate", root=base)["split"] == "validation"
     with pytest.raises(ValueError, match="test.*no usable records.*q_lang"):
         load_records("slake", "test", root=base)
-    with pytest.raises(ValueError, match="unknown split 'dev2'"):
+    with pytest.raises(ValueError, match="unknown split 'dev2'.*--split"):
         load_records("slake", "dev2", root=base)
-    with pytest.raises(FileNotFoundError, match="hub=True"):
-        load_records("slake", "train")
+    with pytest.raises(FileNotFoundError, match="--root.*root=.*--hub.*hub=True"):
+        load_records("slake")
+    (base / "validate.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no validation.json or validate.json or val.json in"):
+        load_records("slake", "val", root=base)
 
 
-def test_slake_bad_records_name_file_qid_field(tmp_path: Path) -> None:
+def test_slake_bad_records_name_file_position_qid_field(tmp_path: Path) -> None:
     base = make_slake(tmp_path)
     rows = json.loads((base / "train.json").read_text())
     rows[0]["img_name"] = "xmlab9/source.jpg"  # missing image
-    del rows[2]["answer"]  # missing field
+    del rows[2]["answer"]  # missing field, third record of the file (second after the language filter)
     (base / "train.json").write_text(json.dumps(rows))
     with pytest.raises(FileNotFoundError) as err:
         load_records("slake", "train", root=base)
     msg = str(err.value)
-    assert "train.json" in msg and "qid=1" in msg and "'img_name'" in msg and "xmlab9" in msg
-    assert "1 more bad records" in msg
-    recs = load_records("slake", "train", root=base, skip_bad=True, lang=None)
+    assert "train.json: record 0 (qid=1), field 'img_name'" in msg and "xmlab9" in msg
+    assert "1 more bad records" in msg and "--skip-bad" in msg and "skip_bad=True" in msg
+    with pytest.warns(UserWarning, match="skipped 2 bad records.*record 2 \\(qid=3\\), field 'answer'"):
+        recs = load_records("slake", "train", root=base, skip_bad=True, lang=None)
     assert [r.qid for r in recs] == [2]
-    assert [(p.qid, p.field) for p in recs.skipped] == [(1, "img_name"), (3, "answer")]
-    summary = summarize_dataset("slake", "train", root=base, skip_bad=True, lang=None)
+    with pytest.warns(UserWarning):
+        summary = summarize_dataset("slake", "train", root=base, skip_bad=True, lang=None)
     assert summary["records"] == 1 and summary["skipped"] == 2
-    assert summary["problems"][1] == {"file": str(base / "train.json"), "index": 2, "qid": 3,
-                                      "field": "answer",
-                                      "message": "missing or empty (expected a non-empty value)"}
+    assert summary["problems"][1] == {"file": str(base / "train.json"), "index": 2, "qid": 3, "field": "answer",
+                                      "message": "missing, empty or null (expected a non-empty value)"}
 
 
-def test_unreadable_image_and_summary(tmp_path: Path) -> None:
+def test_unreadable_image_position_counts_the_file(tmp_path: Path) -> None:
     base = make_slake(tmp_path)
     summary = summarize_dataset("slake", "train", root=base)
     assert {k: summary[k] for k in ("records", "images", "open", "closed", "yes_no")} == {
         "records": 2, "images": 2, "open": 1, "closed": 1, "yes_no": 1}
     assert summary["content_types"] == {"Modality": 1, "Organ": 1} and summary["problems"] == []
     (base / "imgs" / "xmlab1" / "source.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(ValueError, match=r"unreadable.*qid=3|qid=3.*unreadable"):
+    # qid 3 is the file's record 2 (the Chinese record 1 is filtered out, yet still counted)
+    with pytest.raises(ValueError, match=r"train.json: record 2 \(qid=3\), field 'img_name': .*unreadable"
+                                         r".*--skip-bad.*skip_bad=True"):
         summarize_dataset("slake", "train", root=base)
     summary = summarize_dataset("slake", "train", root=base, skip_bad=True)
-    assert summary["records"] == 1 and summary["skipped"] == 1 and summary["problems"][0]["qid"] == 3
+    assert summary["records"] == 1 and summary["skipped"] == 1
+    assert (summary["problems"][0]["qid"], summary["problems"][0]["index"]) == (3, 2)
     with pytest.raises(ValueError, match="unreadable"):
         load_records("slake", "train", root=base)[1].load_image()
 
 
 # ---------------------------------------------------------------- VQA-RAD
-def test_vqa_rad_osf_json(tmp_path: Path) -> None:
-    images = tmp_path / "VQA_RAD Image Folder"
+def make_osf(folder: Path) -> Path:
+    """The OSF release: 'VQA_RAD Dataset Public.json' beside 'VQA_RAD Image Folder/'."""
+    images = folder / "VQA_RAD Image Folder"
     images.mkdir()
     Image.new("L", (20, 20), 50).save(images / "synpic1.jpg")
     base = {"image_name": "synpic1.jpg", "answer_type": "CLOSED", "question_type": "PRES",
@@ -208,8 +225,14 @@ def test_vqa_rad_osf_json(tmp_path: Path) -> None:
              "answer_type": "OPEN ", "question_type": "COUNT"},
             {**base, "qid": 13, "phrase_type": "test_freeform", "question": "Mass?", "answer": "No"},
             {**base, "qid": 14, "phrase_type": "test_para", "question": "Is it normal?", "answer": "no"}]
-    path = tmp_path / "VQA_RAD Dataset Public.json"
+    path = folder / "VQA_RAD Dataset Public.json"
     path.write_text(json.dumps(rows))
+    return path
+
+
+def test_vqa_rad_osf_json(tmp_path: Path) -> None:
+    path = make_osf(tmp_path)
+    rows = json.loads(path.read_text())
     train = load_records("vqa-rad", "train", path=path)
     assert [(r.qid, r.answer, r.answer_type, r.content_type) for r in train] == [
         (11, "yes", "CLOSED", "PRES"), (12, "2", "OPEN", "COUNT")]
@@ -217,24 +240,34 @@ def test_vqa_rad_osf_json(tmp_path: Path) -> None:
     assert [r.qid for r in load_records("vqa-rad", "test", root=tmp_path)] == [13, 14]
     with pytest.raises(ValueError, match="unknown split 'validation'"):
         load_records("vqa-rad", "validation", path=path)
-    rows[1]["qid"] = 11  # duplicate qids in the file: fall back to record indices
+    rows[1]["qid"] = 11  # duplicate qids in the file: fall back to record positions
     rows[3]["phrase_type"] = "weird"
     path.write_text(json.dumps(rows))
-    with pytest.raises(ValueError, match="record 3.*'phrase_type'"):
+    with pytest.raises(ValueError, match="record 3 \\(qid=3\\), field 'phrase_type'"):
         load_records("vqa-rad", "test", path=path)
-    assert [r.qid for r in load_records("vqa-rad", "test", path=path, skip_bad=True)] == [2]
+    with pytest.warns(UserWarning, match="phrase_type"):
+        assert [r.qid for r in load_records("vqa-rad", "test", path=path, skip_bad=True)] == [2]
+    # a NaN answer (json allows it) is a bad record, never the answer "nan"
+    rows[3]["phrase_type"], rows[2]["answer"] = "test_para", float("nan")
+    path.write_text(json.dumps(rows))
+    with pytest.raises(ValueError, match="record 2 \\(qid=2\\), field 'answer': missing, empty or null"):
+        load_records("vqa-rad", "test", path=path)
+
+
+def hub_table(images: list[bytes | None], questions: list[str | None], answers: list[str | None]) -> pa.Table:
+    """The hub's schema (flaviagiammarino/vqa-rad): image struct<bytes, path>, question, answer strings."""
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    return pa.table({"image": pa.array([{"bytes": b, "path": None} for b in images], image_type),
+                     "question": pa.array(questions, pa.string()), "answer": pa.array(answers, pa.string())})
 
 
 def test_vqa_rad_hub_parquet(tmp_path: Path) -> None:
     a, b = png_bytes(10), png_bytes(200, mode="RGB")
-    frame = pd.DataFrame({"image": [{"bytes": a, "path": None}, {"bytes": a, "path": None},
-                                    {"bytes": b, "path": "x.png"}],
-                          "question": ["is there a fracture?", "what organ?", "is it normal"],
-                          "answer": ["no", "brain", "Yes"]})
     data = tmp_path / "data"
     data.mkdir()
-    frame.to_parquet(data / "train-00000-of-00001.parquet")
-    frame.iloc[:1].to_parquet(data / "test-00000-of-00001.parquet")
+    table = hub_table([a, a, b], ["is there a fracture?", "what organ?", "is it normal"], ["no", "brain", "Yes"])
+    pq.write_table(table, data / "train-00000-of-00001.parquet")
+    pq.write_table(table.slice(0, 1), data / "test-00000-of-00001.parquet")
     recs = load_records("vqa-rad", "train", path=tmp_path)
     assert [(r.qid, r.answer_type) for r in recs] == [("train_00000", "CLOSED"), ("train_00001", "OPEN"),
                                                      ("train_00002", "CLOSED")]
@@ -243,13 +276,54 @@ def test_vqa_rad_hub_parquet(tmp_path: Path) -> None:
     assert len(load_records("vqa-rad", "test", path=data / "test-00000-of-00001.parquet")) == 1
     summary = summarize_dataset("vqa-rad", "train", path=tmp_path)
     assert (summary["images"], summary["yes_no"], summary["closed"]) == (2, 2, 2)
-    frame.assign(image=[{"bytes": a, "path": None}, {"bytes": b"junk", "path": None},
-                        {"bytes": None, "path": None}]).to_parquet(data / "train-00000-of-00001.parquet")
-    with pytest.raises(ValueError, match="train_00002.*'image'"):
+    # a single file given a split it does not hold is an error, not its rows relabelled
+    with pytest.raises(ValueError, match="train-00000-of-00001.parquet holds split 'train', not 'test'"):
+        load_records("vqa-rad", "test", path=data / "train-00000-of-00001.parquet")
+    pq.write_table(table, tmp_path / "vqa.parquet")
+    with pytest.raises(ValueError, match="cannot tell which split .*vqa.parquet holds"):
+        load_records("vqa-rad", "train", path=tmp_path / "vqa.parquet")
+    pq.write_table(hub_table([a, b"junk", None], ["q1?", "q2?", "q3?"], ["yes", "no", "no"]),
+                   data / "train-00000-of-00001.parquet")
+    with pytest.raises(ValueError, match="record 2 \\(qid='train_00002'\\), field 'image'"):
         load_records("vqa-rad", "train", path=tmp_path)
-    summary = summarize_dataset("vqa-rad", "train", path=tmp_path, skip_bad=True)
+    with pytest.warns(UserWarning):
+        summary = summarize_dataset("vqa-rad", "train", path=tmp_path, skip_bad=True)
     assert summary["records"] == 1
-    assert [p["qid"] for p in summary["problems"]] == ["train_00002", "train_00001"]
+    assert [(p["qid"], p["index"]) for p in summary["problems"]] == [("train_00002", 2), ("train_00001", 1)]
+
+
+def test_vqa_rad_parquet_nulls_are_bad_records(tmp_path: Path) -> None:
+    file = tmp_path / "train-00000-of-00001.parquet"
+    img = png_bytes(10)
+    pq.write_table(hub_table([img] * 4, ["q1?", "q2?", None, "q4?"], ["yes", None, "no", "nan"]), file)
+    with pytest.raises(ValueError) as err:
+        load_records("vqa-rad", "train", path=file)
+    assert str(err.value).startswith(f"{file}: record 1 (qid='train_00001'), field 'answer': missing, empty or null")
+    assert "1 more bad records; pass --skip-bad (python: skip_bad=True)" in str(err.value)
+    with pytest.warns(UserWarning, match="record 2 \\(qid='train_00002'\\), field 'question'"):
+        recs = load_records("vqa-rad", "train", path=file, skip_bad=True)
+    assert [(r.qid, r.answer) for r in recs] == [("train_00000", "yes"), ("train_00003", "nan")]  # text "nan" stays
+    # pandas writes a missing value as null too (NaN in an object column)
+    pd.DataFrame({"image": [{"bytes": img, "path": None}] * 2, "question": ["q?", "q?"],
+                  "answer": ["yes", np.nan]}).to_parquet(file)
+    with pytest.raises(ValueError, match="record 1 .*field 'answer'"):
+        load_records("vqa-rad", "train", path=file)
+
+
+def test_cli_names_its_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mile_utils.__main__ import main
+
+    file = tmp_path / "train-00000-of-00001.parquet"
+    pq.write_table(hub_table([png_bytes(1)] * 2, ["q1?", "q2?"], ["yes", None]), file)
+    assert main(["data", "--dataset", "vqa-rad", "--path", str(file)]) == 2
+    err = capsys.readouterr().err
+    assert "record 1 (qid='train_00001'), field 'answer'" in err and "--skip-bad" in err
+    with pytest.warns(UserWarning):
+        assert main(["data", "--dataset", "vqa-rad", "--path", str(file), "--skip-bad", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["records"] == 1 and out["problems"][0]["field"] == "answer"
+    assert main(["data", "--dataset", "vqa-rad", "--path", str(file), "--split", "test"]) == 2
+    assert "holds split 'train', not 'test' (--split" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- instruction JSON
@@ -267,7 +341,7 @@ def test_instruction_json(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text(json.dumps(rows))
     with pytest.raises(ValueError, match="bad.json: record 1 \\(qid=6\\), field 'question_pool'"):
         load_records("instruction", "train", path=tmp_path / "bad.json")
-    with pytest.raises(FileNotFoundError, match="instruction needs path"):
+    with pytest.raises(FileNotFoundError, match="instruction needs a local copy: --root .*--path"):
         load_records("instruction", "train")
 
 
@@ -290,11 +364,9 @@ def test_vqa_dataset_items_and_image_cache() -> None:
             Record("a", "q2?", "no", "CLOSED", "X", 2, image_bytes=a),
             Record("b", "q3?", "left", "OPEN", "Y", 3, image_bytes=b, prompts=("p1", "p2", "p3", "p4"))]
     ds = VQADataset(recs, ImageTransform(16), train=False)
-    item = ds[0]
-    assert set(item) >= {"pixel_values", "question", "answer", "qid", "img_name", "answer_type",
-                         "content_type"}
-    assert item["pixel_values"].shape == (3, 16, 16) and item["question"] == "q1?"
-    assert ds[2]["question"] == "p1"  # evaluation: the first prompt
+    assert len(ds) == 3 and ds.pixels(0).shape == (3, 16, 16) and ds.question_text(0) == "q1?"
+    assert ds.question_text(2) == "p1"  # evaluation: the first prompt
+    assert ds.pixels(1) is ds.pixels(0)  # small images: decoded once, kept
     tensors = unique_image_tensors(recs, ds.transform)
     assert list(tensors) == ["a", "b"] and torch.equal(tensors["b"], ds.pixels(2))
     train = VQADataset(recs, ImageTransform(16), train=True, seed=0)

@@ -12,7 +12,6 @@ from mile_utils.metrics import (
     majority_baseline,
     normalize_answer,
     question_only_baseline,
-    wilson_interval,
 )
 
 
@@ -41,14 +40,23 @@ def test_normalize_answer() -> None:
     assert normalize_answer("T2 weighted,  axial") == "t2 weighted axial"
     assert normalize_answer(3) == "3"
     assert normalize_answer("theory") == "theory"  # articles only as whole words
+    # a one-letter answer (an option letter) survives; an article is dropped only beside other words
+    assert normalize_answer("A") == "a" and normalize_answer("(b)") == "b" and normalize_answer("The") == "the"
+    assert normalize_answer("a lesion") == "lesion" and normalize_answer("A.") == normalize_answer("a")
+    m = compute_metrics({1: "A", 2: "a", 3: ""}, [rec(1, "B", "CLOSED"), rec(2, "A", "CLOSED"), rec(3, "a", "OPEN")])
+    assert m["closed"]["correct"] == 1 and m["open"]["correct"] == 0  # "" is not "a"
 
 
 def test_wilson_interval_hand_values() -> None:
     # 8/10 at 95 %: centre (0.8 + 1.96²/20)/(1 + 1.96²/10) = 0.7167, half-width 0.2266 -> [49.0, 94.3]
-    low, high = wilson_interval(8, 10)
-    assert low == pytest.approx(49.02, abs=0.01) and high == pytest.approx(94.33, abs=0.01)
-    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(100.0)
-    assert wilson_interval(0, 0) == (0.0, 100.0)
+    records = [rec(i, "yes" if i < 8 else "no", "CLOSED") for i in range(10)]
+    acc = compute_metrics({i: "yes" for i in range(10)}, records)["closed"]
+    assert acc["ci_low"] == pytest.approx(49.02, abs=0.01) and acc["ci_high"] == pytest.approx(94.33, abs=0.01)
+    none_right = compute_metrics({i: "maybe" for i in range(10)}, records)["closed"]
+    all_right = compute_metrics({i: r.answer for i, r in enumerate(records)}, records)["closed"]
+    assert none_right["ci_low"] == 0.0 and all_right["ci_high"] == pytest.approx(100.0)
+    assert compute_metrics({1: "x"}, [rec(1, "x", "OPEN")])["closed"] | {"accuracy": 0} == {
+        "accuracy": 0, "n": 0, "correct": 0, "ci_low": 0.0, "ci_high": 100.0}
 
 
 def test_accuracy_under_both_closed_definitions() -> None:
@@ -63,8 +71,7 @@ def test_accuracy_under_both_closed_definitions() -> None:
     assert (m["yes_no"]["closed"]["correct"], m["yes_no"]["closed"]["n"]) == (1, 3)
     assert (m["yes_no"]["open"]["correct"], m["yes_no"]["open"]["n"]) == (2, 4)
     assert m["yes_no"]["global"]["accuracy"] == m["global"]["accuracy"]
-    lo, hi = wilson_interval(1, 4)
-    assert (m["open"]["ci_low"], m["open"]["ci_high"]) == (lo, hi)
+    assert m["open"]["ci_low"] == pytest.approx(4.56, abs=0.01)  # Wilson, 1/4
 
 
 def test_closed_precision_recall_f1_and_confusion() -> None:

@@ -1,190 +1,105 @@
-"""MILE's instruction format: any VQA record turned into the reference's prompt templates, seeded.
+"""MILE's instruction format: any VQA record turned into the reference's six prompt templates, seeded.
 
-Options are the answer plus distractors from the split's answer vocabulary (2 options for yes/no, 4
-otherwise), shuffled once per record. Training draws one prompt per record and epoch; evaluation uses
-the first template. The reference truncated questions at 35 tokens, which cuts many of these prompts short:
-:func:`truncation_report` measures how many with a given tokenizer.
+Templates, their order and the option format are those of MILE's released ``RAD_instruction_data.json``:
+a CLOSED question gets all six (the "judgmental" one third), an OPEN one the five others. Options are the
+answer plus distractors: the opposite Yes/No for a yes/no answer (MILE writes ``(a)yes; (b)No``), else up to
+three answers of the split, the same content type first; shuffled once per record. MILE drew its distractors
+at random, so only their kind, not the words, can match its file. The reference truncated questions at 35
+tokens, which cuts many of these prompts short: :func:`truncation_report` measures how many.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
 from pathlib import Path
+from string import Template
 from typing import Any
 
+from ..files import write_json
 from .records import Record
 
-# The reference's templates, verbatim (including its "ansewer"); {options} renders as "(a)yes; (b)no".
+# Verbatim, with MILE's literal braces and its "ansewer"; $options renders as "(a)Yes; (b)No".
 INSTRUCTION_TEMPLATES: tuple[str, ...] = (
-    "<image>Question:{question}Option:{options} The answer to the question is:",
-    "<image>Question:{question}Option:{options} Answer:",
-    "<image>Question:{question}Option:{options} Short answer:",
-    "<image>Question:{question} Based on the image, give a judgmental answer to the question",
-    "<image>Used the provided image to answer the question:{question}Option:{options} "
+    "<image>Question:{$question}Option:{$options} The answer to the question is:",
+    "<image>Question:{$question}Option:{$options} Answer:",
+    "<image>Question:{$question} Based on the image, give a judgmental answer to the question",
+    "<image>Question:{$question}Option:{$options} Short answer:",
+    "<image>Used the provided image to answer the question:{$question}Option:{$options} "
     "Provide your ansewer based on the option",
-    '<image>What is the answer to the following question?"{question}"',
+    '<image>What is the answer to the following question?"{$question}"',
 )
-JUDGMENT_TEMPLATE = 3  # only for yes/no questions
+JUDGMENT_TEMPLATE = 2  # CLOSED questions only
 EVAL_TEMPLATE = 0
-LETTERS = "abcdefghij"
-
-
-def format_options(options: Sequence[str]) -> str:
-    """``["yes", "no"]`` -> ``"(a)yes; (b)no"``."""
-    return "; ".join(f"({LETTERS[i]}){opt}" for i, opt in enumerate(options))
 
 
 class InstructionFormatter:
-    """Builds instruction prompts for records of one split (its answers are the distractor vocabulary).
-
-    Distractors come first from answers of the same ``content_type`` (a plane question gets other planes),
-    then from the rest of the split's non-yes/no answers, so options stay plausible.
-    """
+    """Builds instruction prompts for records of one split (its answers are the distractor vocabulary)."""
 
     def __init__(self, records: Iterable[Record], *, seed: int = 0, n_options: int = 4) -> None:
-        self.seed = seed
-        self.n_options = n_options
+        self.seed, self.n_options = seed, n_options
         by_type: dict[str, dict[str, str]] = {}
-        everything: dict[str, str] = {}
         for rec in records:
-            if rec.is_yes_no:
-                continue
-            key = rec.answer.strip().lower()
-            by_type.setdefault(rec.content_type, {}).setdefault(key, rec.answer)
-            everything.setdefault(key, rec.answer)
+            if not rec.is_yes_no:
+                by_type.setdefault(rec.content_type, {}).setdefault(rec.answer.strip().lower(), rec.answer)
         # sorted: the vocabulary (and so the options) must not depend on record order
         self.by_type = {t: sorted(v.values()) for t, v in by_type.items()}
-        self.vocabulary = sorted(everything.values())
+        self.vocabulary = sorted({a.strip().lower(): a for v in by_type.values() for a in v}.values())
 
     def options(self, record: Record) -> list[str]:
         rng = random.Random(f"{self.seed}:options:{record.qid}")
+        answer = record.answer.strip().lower()
         if record.is_yes_no:
-            opts = ["yes", "no"]
+            opts = [record.answer, "No" if answer.startswith("yes") else "Yes"]
         else:
-            answer = record.answer.strip().lower()
             same = [a for a in self.by_type.get(record.content_type, []) if a.strip().lower() != answer]
             rest = [a for a in self.vocabulary if a.strip().lower() != answer and a not in same]
             need = self.n_options - 1
             picked = rng.sample(same, min(need, len(same)))
-            picked += rng.sample(rest, min(need - len(picked), len(rest)))
-            opts = [record.answer, *picked]
+            opts = [record.answer, *picked, *rng.sample(rest, min(need - len(picked), len(rest)))]
         rng.shuffle(opts)
         return opts
 
     def filled(self, record: Record) -> list[tuple[int, str]]:
-        """(template index, prompt) for every template that applies to the record."""
-        options = format_options(self.options(record))
-        return [
-            (i, t.format(question=record.question, options=options))
-            for i, t in enumerate(INSTRUCTION_TEMPLATES)
-            if i != JUDGMENT_TEMPLATE or record.is_yes_no
-        ]
+        """(template index, prompt) for every template that applies to the record, in MILE's order."""
+        options = "; ".join(f"({'abcdefghij'[i]}){opt}" for i, opt in enumerate(self.options(record)))
+        return [(i, Template(t).substitute(question=record.question, options=options))
+                for i, t in enumerate(INSTRUCTION_TEMPLATES) if i != JUDGMENT_TEMPLATE or record.is_closed]
 
     def prompts(self, record: Record) -> list[str]:
+        """MILE's ``question_pool`` of the record (the first is the evaluation prompt)."""
         return [text for _, text in self.filled(record)]
-
-    def prompt(self, record: Record, epoch: int | None = None) -> str:
-        """The evaluation prompt (``epoch=None``), or the prompt drawn for this record in ``epoch``."""
-        prompts = self.prompts(record)
-        if epoch is None:
-            return prompts[EVAL_TEMPLATE]
-        return random.Random(f"{self.seed}:{epoch}:{record.qid}").choice(prompts)
-
-    def to_records(self, records: Iterable[Record]) -> list[Record]:
-        """Copies whose ``prompts`` hold every template and whose ``question`` is the evaluation prompt;
-        :class:`~mile_utils.data.transforms.VQADataset` then draws per epoch when training."""
-        out = []
-        for rec in records:
-            prompts = self.prompts(rec)
-            out.append(
-                replace(
-                    rec,
-                    question=prompts[EVAL_TEMPLATE],
-                    prompts=tuple(prompts),
-                    meta={**rec.meta, "plain_question": rec.question},
-                )
-            )
-        return out
-
-
-def to_instruction_records(records: Sequence[Record], *, seed: int = 0, n_options: int = 4) -> list[Record]:
-    """Instruction-format copies of one split's records (its own answers give the distractors)."""
-    return InstructionFormatter(records, seed=seed, n_options=n_options).to_records(records)
 
 
 def write_instruction_json(records: Iterable[Record], path: str | Path, *, seed: int = 0) -> Path:
     """Write MILE's instruction JSON (``img_name, qid, answer, question_pool`` + answer/content type)."""
     records = list(records)
     fmt = InstructionFormatter(records, seed=seed)
-    rows: list[dict[str, Any]] = [
-        {
-            "img_name": r.img_name,
-            "qid": r.qid,
-            "answer": r.answer,
-            "question_pool": fmt.prompts(r),
-            "answer_type": r.answer_type,
-            "content_type": r.content_type,
-        }
-        for r in records
-    ]
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1), encoding="utf-8")
-    return out
+    return write_json(path, [{"img_name": r.img_name, "qid": r.qid, "answer": r.answer,
+                              "question_pool": fmt.prompts(r), "answer_type": r.answer_type,
+                              "content_type": r.content_type} for r in records])
 
 
-def truncation_report(
-    records: Sequence[Record],
-    tokenizer: Any,
-    *,
-    max_tokens: int = 35,
-    formatter: InstructionFormatter | None = None,
-) -> dict[str, Any]:
+def truncation_report(records: Sequence[Record], tokenizer: Any, *, max_tokens: int = 35,
+                      formatter: InstructionFormatter | None = None) -> dict[str, Any]:
     """How many prompts a ``max_tokens`` limit (counting [CLS]/[SEP], as BLIP's tokenizer call does) cuts.
 
     Prompts are every template of every record (with ``formatter``), else each record's ``prompts`` or its
     question. Returns overall and per-template counts and fractions.
     """
-    per_template: dict[str, list[int]] = {}
-    lengths: list[int] = []
+    per_template: dict[int | str, list[int]] = {}
     for rec in records:
-        if formatter is not None:
-            pairs = [(str(i), text) for i, text in formatter.filled(rec)]
-        else:
-            pairs = [("prompt", text) for text in (rec.prompts or (rec.question,))]
+        pairs = formatter.filled(rec) if formatter is not None else [("prompt", t) for t in
+                                                                    (rec.prompts or (rec.question,))]
         for key, text in pairs:
-            n = len(tokenizer(text, add_special_tokens=True)["input_ids"])
-            lengths.append(n)
-            per_template.setdefault(key, []).append(n)
+            per_template.setdefault(key, []).append(len(tokenizer(text, add_special_tokens=True)["input_ids"]))
 
     def block(ns: list[int]) -> dict[str, Any]:
         cut = sum(n > max_tokens for n in ns)
-        return {
-            "prompts": len(ns),
-            "truncated": cut,
-            "fraction": cut / len(ns) if ns else 0.0,
-            "mean_tokens": sum(ns) / len(ns) if ns else 0.0,
-            "max_tokens_seen": max(ns, default=0),
-        }
+        return {"prompts": len(ns), "truncated": cut, "fraction": cut / len(ns) if ns else 0.0,
+                "mean_tokens": sum(ns) / len(ns) if ns else 0.0, "max_tokens_seen": max(ns, default=0)}
 
-    report = {"max_tokens": max_tokens, **block(lengths)}
+    report = {"max_tokens": max_tokens, **block([n for ns in per_template.values() for n in ns])}
     if formatter is not None:
-        report["templates"] = {
-            INSTRUCTION_TEMPLATES[int(k)]: block(v) for k, v in sorted(per_template.items())
-        }
+        report["templates"] = {INSTRUCTION_TEMPLATES[int(k)]: block(v) for k, v in sorted(per_template.items())}
     return report
-
-
-__all__ = [
-    "INSTRUCTION_TEMPLATES",
-    "JUDGMENT_TEMPLATE",
-    "EVAL_TEMPLATE",
-    "InstructionFormatter",
-    "format_options",
-    "to_instruction_records",
-    "write_instruction_json",
-    "truncation_report",
-]

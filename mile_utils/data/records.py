@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import math
+import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,24 +14,23 @@ from PIL import Image, UnidentifiedImageError
 
 ANSWER_TYPES = ("OPEN", "CLOSED")
 SPLITS = ("train", "validation", "test")
-SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"}
-REQUIRED_FIELDS = ("img_name", "question", "answer", "qid")
-YES_NO = ("yes", "no")
+SPLIT_ALIASES = {"val": "validation", "valid": "validation", "validate": "validation", "dev": "validation"}
+SKIP_HINT = "pass --skip-bad (python: skip_bad=True) to skip bad records and list them"
 
 
 def normalize_split(split: str, allowed: Iterable[str] = SPLITS, dataset: str = "") -> str:
-    """``val``/``valid``/``dev`` -> ``validation``; a split outside ``allowed`` is an error, not a default."""
+    """``val``/``validate``/``valid``/``dev`` -> ``validation``; a split outside ``allowed`` is an error."""
     name = SPLIT_ALIASES.get(str(split).strip().lower(), str(split).strip().lower())
-    allowed = tuple(allowed)
-    if name not in allowed:
+    if name not in tuple(allowed):
         where = f" for dataset {dataset!r}" if dataset else ""
-        raise ValueError(f"unknown split {split!r}{where}: expected one of {list(allowed)}")
+        raise ValueError(f"unknown split {split!r}{where} (--split / split=): expected one of {list(allowed)}"
+                         f" (aliases: {', '.join(SPLIT_ALIASES)})")
     return name
 
 
 def is_yes_no(answer: str) -> bool:
     """Whether an answer is yes/no (VQA-RAD hub's and the paper tables' definition of 'closed')."""
-    return str(answer).strip().lower().rstrip(".!") in YES_NO
+    return str(answer).strip().lower().rstrip(".!") in ("yes", "no")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Record:
     ``qid`` is the key everything is matched on (metrics, predictions files); it is unique within a split.
     The image is ``image_root / img_name`` on disk, or ``image_bytes`` for sources that ship images inside a
     file (hub parquet). ``prompts`` holds instruction-format prompts (MILE's ``question_pool``) when present.
+    ``where`` is (file, position of the record in that file), for messages.
     """
 
     img_name: str
@@ -53,6 +55,7 @@ class Record:
     prompts: tuple[str, ...] = ()
     meta: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
     image_bytes: bytes | None = field(default=None, repr=False, compare=False, hash=False)
+    where: tuple[str, int] | None = field(default=None, repr=False, compare=False, hash=False)
 
     @property
     def is_closed(self) -> bool:
@@ -68,200 +71,109 @@ class Record:
 
     def load_image(self) -> Image.Image:
         """The image as PIL RGB (grayscale scans are replicated to three channels, as BLIP expects)."""
-        if self.image_bytes is not None:
-            where: str = f"embedded image {self.img_name!r}"
-            source: Any = io.BytesIO(self.image_bytes)
-        else:
-            path = self.image_path
-            if path is None:
-                raise ValueError(
-                    f"record qid={self.qid!r}: no image_root and no image bytes for {self.img_name!r}"
-                )
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"image file {path} not found (record qid={self.qid!r}, field 'img_name')"
-                )
-            where, source = str(path), path
+        bad = image_problem(self.image_path, self.image_bytes, verify=False)
+        if bad is not None:
+            raise (FileNotFoundError if bad[1] else ValueError)(f"{bad[0]} (record qid={self.qid!r})")
         try:
-            with Image.open(source) as img:
+            with Image.open(io.BytesIO(self.image_bytes) if self.image_bytes is not None
+                            else self.image_path) as img:  # type: ignore[arg-type]
                 return img.convert("RGB")
         except (UnidentifiedImageError, OSError, ValueError) as err:
-            raise ValueError(
-                f"image {where} is unreadable (record qid={self.qid!r}, field 'img_name'): {err}"
-            ) from err
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly fields (image bytes left out)."""
-        d = asdict(self)
-        d.pop("image_bytes")
-        d["prompts"] = list(self.prompts)
-        d["meta"] = dict(self.meta)
-        return d
+            raise ValueError(f"image {self.img_name!r} is unreadable (record qid={self.qid!r}): {err}") from err
 
 
-@dataclass(frozen=True)
-class Problem:
-    """A bad record: where it is (file, index, qid), which field, and what was expected."""
-
-    file: str
-    index: int | None
-    qid: int | str | None
-    field: str
-    message: str
-    missing_file: bool = False
-
-    def __str__(self) -> str:
-        where = self.file
-        if self.index is not None:
-            where += f": record {self.index}"
-        return f"{where} (qid={self.qid!r}), field {self.field!r}: {self.message}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "file": self.file,
-            "index": self.index,
-            "qid": self.qid,
-            "field": self.field,
-            "message": self.message,
-        }
-
-
-class RecordList(list):
-    """A list of :class:`Record` that remembers its source and what was skipped (``skip_bad=True``)."""
-
-    def __init__(
-        self,
-        records: Iterable[Record] = (),
-        *,
-        dataset: str = "",
-        split: str = "",
-        source: str = "",
-        skipped: Iterable[Problem] = (),
-    ) -> None:
-        super().__init__(records)
-        self.dataset = dataset
-        self.split = split
-        self.source = source
-        self.skipped: list[Problem] = list(skipped)
-
-
-def raise_first(problems: list[Problem]) -> None:
-    """Raise the first problem (FileNotFoundError for a missing file), saying how many more there are."""
-    if not problems:
-        return
-    first = problems[0]
-    more = (
-        f" ({len(problems) - 1} more bad records; skip_bad=True skips and lists them)"
-        if len(problems) > 1
-        else ""
-    )
-    exc = FileNotFoundError if first.missing_file else ValueError
-    raise exc(f"{first}{more}")
-
-
-def check_image(path: Path | None, data: bytes | None, verify: bool) -> tuple[str, bool] | None:
+def image_problem(path: Path | None, data: bytes | None, verify: bool) -> tuple[str, bool] | None:
     """None if the image is usable, else (what is wrong, whether a file is missing). ``verify`` decodes it."""
     if data is None:
         if path is None:
             return "no image: neither a file nor embedded bytes", False
         if not path.is_file():
             return f"image file {path} not found", True
-        if not verify:
-            return None
-    if not verify:
-        return None
-    try:
-        with Image.open(io.BytesIO(data) if data is not None else path) as img:
-            img.load()
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        return f"image {path if data is None else 'bytes'} is unreadable: {err}", False
+    if verify:
+        try:
+            with Image.open(io.BytesIO(data) if data is not None else path) as img:  # type: ignore[arg-type]
+                img.load()
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            return f"image {path if data is None else 'bytes'} is unreadable: {err}", False
     return None
 
 
-def build_record(
-    raw: Mapping[str, Any],
-    *,
-    index: int,
-    file: str,
-    split: str,
-    image_root: str | None,
-    qid: Any = None,
-    image_bytes: bytes | None = None,
-    content_type: str | None = None,
-    answer_type: str | None = None,
-    q_lang: str = "en",
-    prompts: tuple[str, ...] = (),
-    meta: Mapping[str, Any] | None = None,
-    verify_image: bool = False,
-) -> Record | Problem:
-    """Validate one raw record (SLAKE field names) into a :class:`Record`, or say what is wrong with it."""
-    qid = raw.get("qid") if qid is None else qid
-    for name in REQUIRED_FIELDS:
-        value = qid if name == "qid" else raw.get(name)
-        if value is None or (isinstance(value, str) and not value.strip()):
-            return Problem(file, index, qid, name, "missing or empty (expected a non-empty value)")
-        if name != "qid" and not isinstance(value, (str, int, float)):
-            return Problem(file, index, qid, name, f"expected text, got {type(value).__name__}")
+class Bad(Exception):
+    """What is wrong with one raw record: the field (as the file names it) and what was expected."""
+
+    def __init__(self, field: str, message: str, qid: Any = None, missing_file: bool = False) -> None:
+        super().__init__(message)
+        self.field, self.message, self.qid, self.missing_file = field, message, qid, missing_file
+
+
+def describe(problem: Mapping[str, Any]) -> str:
+    return (f"{problem['file']}: record {problem['index']} (qid={problem['qid']!r}), "
+            f"field {problem['field']!r}: {problem['message']}")
+
+
+def _empty(value: Any) -> bool:
+    # a null in a parquet file reads as None or NaN: never the answer "nan"
+    return value is None or (isinstance(value, float) and math.isnan(value)) or not str(value).strip()
+
+
+def _record(raw: Mapping[str, Any], split: str, names: Mapping[str, str], verify: bool) -> Record:
+    """Validate one raw record (SLAKE field names; ``names`` gives the file's own) into a :class:`Record`."""
+    qid = raw.get("qid")
+    for name in ("img_name", "question", "answer", "qid"):
+        value = raw.get(name)
+        if _empty(value):
+            raise Bad(names.get(name, name), "missing, empty or null (expected a non-empty value)", qid)
+        if not isinstance(value, (str, int, float)):
+            raise Bad(names.get(name, name), f"expected text, got {type(value).__name__}", qid)
     answer = raw["answer"]
     # some sources store numeric answers as numbers; 2.0 and 2 must both read "2"
     answer = str(int(answer)) if isinstance(answer, float) and answer.is_integer() else str(answer).strip()
-    if answer_type is None:
-        given = raw.get("answer_type")
-        if given is None or not str(given).strip():
-            return Problem(file, index, qid, "answer_type", "missing (expected OPEN or CLOSED)")
-        answer_type = str(given).strip().upper()
+    answer_type = str(raw.get("answer_type") or "").strip().upper()
     if answer_type not in ANSWER_TYPES:
-        return Problem(file, index, qid, "answer_type", f"{answer_type!r} is not OPEN or CLOSED")
-    if content_type is None:
-        content_type = str(raw.get("content_type") or "unknown").strip() or "unknown"
-    img_name = str(raw["img_name"]).strip()
-    path = Path(image_root) / img_name if image_root is not None else None
-    bad = check_image(path, image_bytes, verify_image)
+        raise Bad("answer_type", f"{raw.get('answer_type')!r}: expected OPEN or CLOSED", qid)
+    root = raw.get("image_root")
+    bad = image_problem(Path(root) / str(raw["img_name"]).strip() if root is not None else None,
+                        raw.get("image_bytes"), verify)
     if bad is not None:
-        return Problem(file, index, qid, "img_name", bad[0], missing_file=bad[1])
-    return Record(
-        img_name=img_name,
-        question=str(raw["question"]).strip(),
-        answer=answer,
-        answer_type=answer_type,
-        content_type=content_type,
-        qid=qid,
-        split=split,
-        image_root=image_root,
-        q_lang=q_lang,
-        prompts=prompts,
-        meta=dict(meta or {}),
-        image_bytes=image_bytes,
-    )
+        raise Bad(names.get("img_name", "img_name"), bad[0], qid, bad[1])
+    return Record(img_name=str(raw["img_name"]).strip(), question=str(raw["question"]).strip(), answer=answer,
+                  answer_type=answer_type, content_type=str(raw.get("content_type") or "unknown").strip(),
+                  qid=qid, split=split, image_root=root, q_lang=str(raw.get("q_lang") or "en"),
+                  prompts=tuple(raw.get("prompts") or ()), meta=dict(raw.get("meta") or {}),
+                  image_bytes=raw.get("image_bytes"), where=(raw["file"], raw["index"]))
 
 
-def finish(
-    items: list[Record | Problem],
-    *,
-    dataset: str,
-    split: str,
-    source: str,
-    skip_bad: bool,
-    empty_hint: str = "",
-) -> RecordList:
-    """Split records from problems, reject duplicate qids and empty splits, raise unless ``skip_bad``."""
+def collect(rows: Iterable[Mapping[str, Any]], *, dataset: str, split: str, source: str,
+            skip_bad: bool, verify: bool = False, names: Mapping[str, str] | None = None,
+            empty_hint: str = "") -> tuple[list[Record], list[dict[str, Any]]]:
+    """Records and problems (file, index in the file, qid, field, message) of raw rows that carry their
+    ``file`` and ``index``. Bad rows raise (FileNotFoundError for a missing image) unless ``skip_bad``;
+    duplicate qids are bad (predictions are matched by qid); no usable record is an error."""
     records: list[Record] = []
-    problems: list[Problem] = []
+    problems: list[dict[str, Any]] = []
+    missing: list[bool] = []
     seen: set[str] = set()
-    for i, item in enumerate(items):
-        if isinstance(item, Problem):
-            problems.append(item)
-        elif str(item.qid) in seen:
-            # predictions are matched by qid, so a repeated qid would make the metrics ambiguous
-            problems.append(Problem(source, i, item.qid, "qid", "duplicate qid in this split"))
-        else:
-            seen.add(str(item.qid))
-            records.append(item)
-    if not skip_bad:
-        raise_first(problems)
+    for raw in rows:
+        try:
+            if isinstance(raw.get("bad"), Bad):
+                raise raw["bad"]
+            rec = _record(raw, split, names or {}, verify)
+            if str(rec.qid) in seen:
+                raise Bad("qid", "duplicate qid in this split", rec.qid)
+        except Bad as bad:
+            problems.append({"file": raw["file"], "index": raw["index"], "qid": bad.qid, "field": bad.field,
+                             "message": bad.message})
+            missing.append(bad.missing_file)
+            continue
+        seen.add(str(rec.qid))
+        records.append(rec)
+    if problems and not skip_bad:
+        more = f"{len(problems) - 1} more bad records; " if len(problems) > 1 else ""
+        raise (FileNotFoundError if missing[0] else ValueError)(f"{describe(problems[0])} ({more}{SKIP_HINT})")
     if not records:
-        raise ValueError(
-            f"{source}: split {split!r} of dataset {dataset!r} has no usable records{empty_hint}"
-            + (f" ({len(problems)} skipped as bad)" if problems else "")
-        )
-    return RecordList(records, dataset=dataset, split=split, source=source, skipped=problems)
+        raise ValueError(f"{source}: split {split!r} of dataset {dataset!r} has no usable records{empty_hint}"
+                         + (f" ({len(problems)} skipped as bad)" if problems else ""))
+    if problems:
+        warnings.warn(f"skipped {len(problems)} bad records of {source} (skip_bad): "
+                      + "; ".join(describe(p) for p in problems[:5]), stacklevel=3)
+    return records, problems

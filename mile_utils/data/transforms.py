@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
 from .records import Record
 
@@ -58,11 +56,10 @@ def unique_image_tensors(records: Sequence[Record], transform: ImageTransform) -
     return out
 
 
-class VQADataset(Dataset):
-    """Records + an image transform as a torch Dataset.
+class VQADataset:
+    """Records + an image transform, indexed by the engine's collator (``question_text(i)``, ``pixels(i)``).
 
-    Items are dicts: ``pixel_values`` (3, H, W), ``question`` (the text to tokenize), ``answer``, ``qid``,
-    ``img_name``, ``answer_type``, ``content_type``, ``index``. Records carrying instruction prompts
+    Records carrying instruction prompts
     (``Record.prompts``) give a prompt drawn per record and per epoch when ``train=True`` (call
     :meth:`set_epoch`), and always the first prompt otherwise, as MILE trained and evaluated.
     Decoded images are kept in memory by default when they are small (<= 128 px): a tiny-profile epoch
@@ -102,9 +99,6 @@ class VQADataset(Dataset):
         # str seeds hash deterministically (unlike hash()), so the draw is the same on every run and machine
         return random.Random(f"{self.seed}:{self.epoch}:{rec.qid}").choice(rec.prompts)
 
-    def image(self, index: int) -> Image.Image:
-        return self.records[index].load_image()
-
     def pixels(self, index: int) -> torch.Tensor:
         rec = self.records[index]
         cached = self._cache.get(rec.img_name)
@@ -114,20 +108,3 @@ class VQADataset(Dataset):
         if self.cache_images:
             self._cache[rec.img_name] = x
         return x
-
-    def image_tensors(self) -> dict[str, torch.Tensor]:
-        """One pixel tensor per unique image, see :func:`unique_image_tensors`."""
-        return unique_image_tensors(self.records, self.transform)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        rec = self.records[index]
-        return {
-            "pixel_values": self.pixels(index),
-            "question": self.question_text(index),
-            "answer": rec.answer,
-            "qid": rec.qid,
-            "img_name": rec.img_name,
-            "answer_type": rec.answer_type,
-            "content_type": rec.content_type,
-            "index": index,
-        }
