@@ -33,6 +33,10 @@ class Profile:
     epochs: int
     max_question_tokens: int
     max_answer_tokens: int
+    # regularisation in training (off in eval): BERT dropout (hidden and attention) of the JTM and decoder, and
+    # the ViT's stochastic depth at its last block (BLIP's linear schedule from 0); MISS uses 0.1 and 0.1
+    text_dropout: float = 0.0
+    vit_drop_path: float = 0.0
     # generation, as in the reference: beam 3, at most 10 tokens, at least 1
     num_beams: int = 3
     max_answer_length: int = 10
@@ -63,6 +67,8 @@ PAPER = Profile(
     epochs=130,
     max_question_tokens=35,
     max_answer_tokens=10,
+    text_dropout=0.1,
+    vit_drop_path=0.1,
 )
 
 TINY = Profile(
