@@ -205,7 +205,8 @@ def test_unreadable_image_position_counts_the_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"train.json: record 2 \(qid=3\), field 'img_name': .*unreadable"
                                          r".*--skip-bad.*skip_bad=True"):
         summarize_dataset("slake", "train", root=base)
-    summary = summarize_dataset("slake", "train", root=base, skip_bad=True)
+    with pytest.warns(UserWarning, match="skipped 1 bad records"):
+        summary = summarize_dataset("slake", "train", root=base, skip_bad=True)
     assert summary["records"] == 1 and summary["skipped"] == 1
     assert (summary["problems"][0]["qid"], summary["problems"][0]["index"]) == (3, 2)
     with pytest.raises(ValueError, match="unreadable"):
@@ -289,7 +290,7 @@ def test_vqa_rad_hub_parquet(tmp_path: Path) -> None:
     with pytest.warns(UserWarning):
         summary = summarize_dataset("vqa-rad", "train", path=tmp_path, skip_bad=True)
     assert summary["records"] == 1
-    assert [(p["qid"], p["index"]) for p in summary["problems"]] == [("train_00002", 2), ("train_00001", 1)]
+    assert [(p["qid"], p["index"]) for p in summary["problems"]] == [("train_00001", 1), ("train_00002", 2)]
 
 
 def test_vqa_rad_parquet_nulls_are_bad_records(tmp_path: Path) -> None:

@@ -13,20 +13,19 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .records import SPLITS, Bad, Record, collect, describe, image_problem, is_yes_no, normalize_split
+from .records import SPLITS, Record, collect, is_yes_no, normalize_split
 from .synthetic import default_cache_dir, synthetic_dir
 
 DATASETS = ("synthetic", "slake", "vqa-rad", "instruction")
-SLAKE_HUB_ID = "BoKelvin/SLAKE"
-VQA_RAD_HUB_ID = "flaviagiammarino/vqa-rad"
+HUB_IDS = {"slake": "BoKelvin/SLAKE", "vqa-rad": "flaviagiammarino/vqa-rad"}
 OSF_VQA_RAD_JSON = "VQA_RAD Dataset Public.json"
-OSF_VQA_RAD_IMAGES = "VQA_RAD Image Folder"
 OSF_PHRASES = {"freeform": "train", "para": "train", "test_freeform": "test", "test_para": "test"}
 # file names per split: the official Slake1.0 ships validate.json, the built-in set validation.json
 SPLIT_FILES = {"train": ("train",), "validation": ("validation", "validate", "val"), "test": ("test",)}
 
 
-def _read_json_list(path: Path) -> list[Any]:
+def _read_json_list(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON list, each with its ``file`` and ``index`` (position in the file)."""
     if not path.is_file():
         raise FileNotFoundError(f"dataset file {path} not found (--root / root=, --path / path=)")
     try:
@@ -35,39 +34,17 @@ def _read_json_list(path: Path) -> list[Any]:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    return data
-
-
-def _rows(path: Path, data: list[Any]) -> list[tuple[int, dict[str, Any]]]:
-    """(position in the file, raw) pairs; a non-object entry becomes a problem at its position."""
-    return [(i, raw if isinstance(raw, dict) else
-             {"bad": Bad("(record)", f"expected a JSON object, got {type(raw).__name__}")})
+    return [{**raw, "file": str(path), "index": i} if isinstance(raw, dict) else
+            {"file": str(path), "index": i, "bad": ("(record)", f"expected a JSON object, got {type(raw).__name__}")}
             for i, raw in enumerate(data)]
 
 
 def _split_file(folder: Path, split: str) -> Path:
-    for stem in SPLIT_FILES[split]:
-        if (folder / f"{stem}.json").is_file():
-            return folder / f"{stem}.json"
-    tried = " or ".join(f"{s}.json" for s in SPLIT_FILES[split])
-    raise FileNotFoundError(f"no {tried} in {folder}: pass the dataset folder with --root (python: root=...)")
-
-
-# ---------------------------------------------------------------- SLAKE (and the synthetic set, same layout)
-def _slake(root: Path, split: str, dataset: str, lang: str | None, images: Path | None = None) -> tuple:
-    """SLAKE's official layout: ``<root>/{train,validate,test}.json`` and ``<root>/imgs/<img_name>``, root
-    being the ``Slake1.0`` folder or one above it. ``lang="en"`` keeps English questions (``q_lang``)."""
-    if not (root / "train.json").is_file() and (root / "Slake1.0").is_dir():
-        root = root / "Slake1.0"
-    path = _split_file(root, split)
-    out = []
-    for i, raw in _rows(path, _read_json_list(path)):
-        if lang is not None and "bad" not in raw and str(raw.get("q_lang") or "en") != lang:
-            continue  # filtered, yet positions stay those of the file
-        extra = {k: raw[k] for k in ("img_id", "location", "modality", "base_type", "triple") if k in raw}
-        out.append({**raw, "file": str(path), "index": i, "image_root": str(images or root / "imgs"),
-                    "meta": extra})
-    return out, str(path), f" in language {lang!r} (field q_lang)" if lang else ""
+    found = [folder / f"{stem}.json" for stem in SPLIT_FILES[split] if (folder / f"{stem}.json").is_file()]
+    if not found:
+        tried = " or ".join(f"{s}.json" for s in SPLIT_FILES[split])
+        raise FileNotFoundError(f"no {tried} in {folder}: pass the dataset folder with --root (python: root=...)")
+    return found[0]
 
 
 def _hub_snapshot(repo_id: str, allow_patterns: list[str] | None = None) -> Path:
@@ -76,162 +53,153 @@ def _hub_snapshot(repo_id: str, allow_patterns: list[str] | None = None) -> Path
     try:
         return Path(snapshot_download(repo_id, repo_type="dataset", allow_patterns=allow_patterns))
     except Exception as err:  # network, auth or missing-repo errors all mean: no local data
-        raise FileNotFoundError(
-            f"could not fetch the hub dataset {repo_id!r} ({type(err).__name__}: {err}). Without network, "
-            "download it elsewhere and pass its folder with --root (python: root=...) or a file with --path"
-        ) from err
+        raise FileNotFoundError(f"could not fetch the hub dataset {repo_id!r} ({type(err).__name__}: {err}). "
+                                "Without network, download it elsewhere and pass its folder with --root "
+                                "(python: root=...) or a file with --path") from err
 
 
-def _slake_hub(repo_id: str, split: str, lang: str | None) -> tuple:
-    snap = _hub_snapshot(repo_id)
-    images = snap / "imgs"
-    if not images.is_dir():
+def _slake(root: Path, split: str, lang: str | None, images: Path | None = None) -> list[dict[str, Any]]:
+    """SLAKE's official layout: ``<root>/{train,validate,test}.json`` and ``<root>/imgs/<img_name>``, root
+    being the ``Slake1.0`` folder or one above it. ``lang="en"`` keeps English questions (``q_lang``)."""
+    if not (root / "train.json").is_file() and (root / "Slake1.0").is_dir():
+        root = root / "Slake1.0"
+    # filtered by language, yet each record keeps its position in the file
+    return [{**raw, "image_root": str(images or root / "imgs"),
+             "meta": {k: raw[k] for k in ("img_id", "location", "modality", "base_type", "triple") if k in raw}}
+            for raw in _read_json_list(_split_file(root, split))
+            if lang is None or "bad" in raw or str(raw.get("q_lang") or "en") == lang]
+
+
+def _slake_hub(repo_id: str, split: str, lang: str | None) -> list[dict[str, Any]]:
+    snap = _hub_snapshot(repo_id)  # BoKelvin/SLAKE ships its images as imgs.zip: unpacked once into the cache
+    images = default_cache_dir() / f"slake-hub-{hashlib.sha256(str(snap).encode()).hexdigest()[:12]}"
+    if not (snap / "imgs").is_dir() and not (images / ".complete").is_file():
         if not (snap / "imgs.zip").is_file():
             raise FileNotFoundError(f"hub dataset {repo_id!r} has neither imgs/ nor imgs.zip in {snap}")
-        target = default_cache_dir() / f"slake-hub-{hashlib.sha256(str(snap).encode()).hexdigest()[:12]}"
-        if not (target / ".complete").is_file():
-            with zipfile.ZipFile(snap / "imgs.zip") as zf:
-                zf.extractall(target)
-            (target / ".complete").write_text("ok", encoding="utf-8")
-        images = target / "imgs" if (target / "imgs").is_dir() else target
-    return _slake(snap, split, "slake", lang, images)
+        with zipfile.ZipFile(snap / "imgs.zip") as zf:
+            zf.extractall(images)
+        (images / ".complete").write_text("ok", encoding="utf-8")
+    images = snap / "imgs" if (snap / "imgs").is_dir() else images / "imgs" if (images / "imgs").is_dir() else images
+    return _slake(snap, split, lang, images)
 
 
-# ---------------------------------------------------------------- VQA-RAD: OSF json or hub parquet, one path
 def _parquet_split(file: Path) -> str | None:
     """The split a hub parquet file holds, from its name (``test-00000-of-00001.parquet``) or folder."""
     return next((s for s in ("train", "test", "validation") if file.name.startswith(f"{s}-")
                  or file.stem == s or file.parent.name == s), None)
 
 
-def _vqa_rad_files(target: Path, split: str) -> list[Path]:
-    if target.is_dir() and (target / OSF_VQA_RAD_JSON).is_file():
-        return [target / OSF_VQA_RAD_JSON]
-    if target.is_file():
-        held = _parquet_split(target) if target.suffix.lower() == ".parquet" else split
-        if held != split:
-            raise ValueError(
-                f"{target} holds split {held!r}, not {split!r} (--split / split=): pass the {split} parquet file "
-                "or the folder holding them with --path (python: path=...)" if held else
-                f"cannot tell which split {target} holds: a hub parquet file is named <split>-*.parquet")
-        return [target]
-    files = sorted(p for p in target.rglob("*.parquet") if _parquet_split(p) == split) if target.is_dir() else []
-    if not files:
-        raise FileNotFoundError(f"no '{OSF_VQA_RAD_JSON}' and no parquet file of split {split!r} under "
-                                f"{target} (expected e.g. data/{split}-00000-of-00001.parquet, as on the hub)")
-    return files
-
-
-def _vqa_rad(target: Path, split: str, images: Path | None) -> tuple:
-    """The OSF release (``VQA_RAD Dataset Public.json``, ``phrase_type`` test_freeform/test_para = test) and
-    the hub's parquet (``flaviagiammarino/vqa-rad``: image, question, answer) read by one path. The hub has no
-    answer type (CLOSED = a yes/no answer) and no qid (``<split>_<row>``); its images live in the file and are
-    named by a hash of their bytes. OSF ``question_type`` becomes ``content_type``."""
+def _vqa_rad(target: Path, split: str, images: Path | None) -> list[dict[str, Any]]:
+    """The OSF release (``VQA_RAD Dataset Public.json`` + ``VQA_RAD Image Folder/``; ``phrase_type``
+    test_freeform/test_para = test) and the hub's parquet (``flaviagiammarino/vqa-rad``: image, question,
+    answer) read by one path. The hub has no answer type (CLOSED = a yes/no answer) and no qid
+    (``<split>_<row>``); its images live in the file, named by a hash of their bytes. OSF ``qid`` is used when
+    distinct (else the position), ``question_type`` becomes ``content_type``."""
     import pyarrow.parquet as pq
 
     split = normalize_split(split, ("train", "test"), "vqa-rad")
-    out, row = [], 0
-    for file in _vqa_rad_files(target, split):
+    if target.is_dir() and (target / OSF_VQA_RAD_JSON).is_file():
+        target = target / OSF_VQA_RAD_JSON
+    held = _parquet_split(target) if target.suffix.lower() == ".parquet" else split
+    if target.is_file() and held != split:
+        raise ValueError(f"{target} holds split {held!r}, not {split!r} (--split / split=): pass the {split} "
+                         "parquet file or the folder holding them with --path (python: path=...)" if held else
+                         f"cannot tell which split {target} holds: a hub parquet file is named <split>-*.parquet")
+    files = [target] if target.is_file() else sorted(p for p in target.rglob("*.parquet") if _parquet_split(p) == split)
+    if not files:
+        raise FileNotFoundError(f"no '{OSF_VQA_RAD_JSON}' and no parquet file of split {split!r} under {target} "
+                                f"(expected e.g. data/{split}-00000-of-00001.parquet, as on the hub)")
+    out = []
+    for file in files:
         osf = file.suffix.lower() == ".json"
         if osf:
-            data = _read_json_list(file)
-            folder = images or (file.parent / OSF_VQA_RAD_IMAGES if (file.parent / OSF_VQA_RAD_IMAGES).is_dir()
-                                else file.parent)
+            rows = _read_json_list(file)
+            folder = images or file.parent / "VQA_RAD Image Folder"
+            folder = folder if folder.is_dir() else file.parent
         else:
             table = pq.read_table(file)
-            missing = [c for c in ("image", "question", "answer") if c not in table.column_names]
-            if missing:
-                raise ValueError(f"{file}: missing column(s) {missing}; expected image, question, answer")
-            data, folder = table.to_pylist(), None
-        qids = [r.get("qid") if isinstance(r, dict) else None for r in data]
+            if {"image", "question", "answer"} - set(table.column_names):
+                raise ValueError(f"{file}: columns {table.column_names}; expected image, question, answer")
+            rows = [{**raw, "file": str(file), "index": i} for i, raw in enumerate(table.to_pylist())]
+        qids, offset = [raw.get("qid") for raw in rows], len(out)  # hub qids count rows over all its files
         own_qids = None not in qids and len({str(q) for q in qids}) == len(qids)
-        for i, raw in _rows(file, data):
-            qid = raw.get("qid") if own_qids else i if osf else f"{split}_{row:05d}"
-            row += 1
-            base = {"file": str(file), "index": i, "qid": qid}
-            if osf and "bad" not in raw:
-                phrase = str(raw.get("phrase_type") or "").strip().lower()
-                if phrase not in OSF_PHRASES:
-                    raw = {"bad": Bad("phrase_type", f"{raw.get('phrase_type')!r}: expected freeform, para, "
-                                      "test_freeform or test_para", qid)}
-                elif OSF_PHRASES[phrase] != split:
-                    continue
+        for raw in rows:
+            i = raw["index"]
+            raw["qid"] = raw.get("qid") if own_qids else i if osf else f"{split}_{offset + i:05d}"
+            phrase = str(raw.get("phrase_type") or "").strip().lower()
+            image = raw.get("image") or {}
             if "bad" in raw:
-                out.append({**base, **raw})
+                pass
+            elif osf and phrase not in OSF_PHRASES:
+                raw["bad"] = ("phrase_type", f"{raw.get('phrase_type')!r}: expected freeform, para, test_freeform "
+                              "or test_para")
+            elif osf and OSF_PHRASES[phrase] != split:
                 continue
-            image = raw.get("image") if not osf else None
-            blob = image.get("bytes") if isinstance(image, dict) else image
-            if not osf and blob is None:
-                out.append({**base, "bad": Bad("image", "no image bytes in this row", qid)})
-                continue
-            out.append({**base, "question": raw.get("question"), "answer": raw.get("answer"),
-                        "answer_type": raw.get("answer_type") if "answer_type" in raw
-                        else "CLOSED" if is_yes_no(str(raw.get("answer"))) else "OPEN",
-                        "content_type": raw.get("question_type"), "image_root": str(folder) if osf else None,
-                        "img_name": raw.get("image_name") if osf else
-                        f"vqarad-{hashlib.sha1(bytes(blob)).hexdigest()[:16]}",
-                        "image_bytes": None if osf else bytes(blob),
-                        "meta": {k: raw[k] for k in ("phrase_type", "image_organ", "qid_linked_id") if k in raw}})
-    return out, str(target), ""
+            elif osf:
+                meta = {k: raw[k] for k in ("phrase_type", "image_organ", "qid_linked_id") if k in raw}
+                raw.update(img_name=raw.get("image_name"), content_type=raw.get("question_type"),
+                           image_root=str(folder), meta=meta)
+            elif image.get("bytes") is None:
+                raw["bad"] = ("image", "no image bytes in this row")
+            else:
+                digest = hashlib.sha1(image["bytes"]).hexdigest()[:16]  # equal images, one name
+                raw.update(image_bytes=image["bytes"], img_name=f"vqarad-{digest}",
+                           answer_type="CLOSED" if is_yes_no(str(raw.get("answer"))) else "OPEN")
+            out.append(raw)
+    return out
 
 
-# ---------------------------------------------------------------- MILE instruction format
-def _instruction(path: Path, split: str, images: Path | None) -> tuple:
+def _instruction(path: Path, split: str, images: Path | None) -> list[dict[str, Any]]:
     """MILE's instruction JSON: ``{img_name, qid, answer, question_pool: [prompt, ...]}`` per record.
 
     ``Record.prompts`` keeps the pool (see :class:`~mile_utils.data.transforms.VQADataset`), ``question`` is
     its first prompt; without ``answer_type``, CLOSED means a yes/no answer. Images are under ``images``
     (default: the file's folder, or its ``imgs/`` subfolder when there is one)."""
-    if path.is_dir():
-        path = _split_file(path, split)
+    path = _split_file(path, split) if path.is_dir() else path
     images = images or (path.parent / "imgs" if (path.parent / "imgs").is_dir() else path.parent)
-    out = []
-    for i, raw in _rows(path, _read_json_list(path)):
+    rows = _read_json_list(path)
+    for raw in rows:
         pool = raw.get("question_pool")
-        if "bad" not in raw and (not isinstance(pool, list) or not pool
-                                 or not all(isinstance(p, str) and p.strip() for p in pool)):
-            raw = {"bad": Bad("question_pool", "expected a non-empty list of prompt strings", raw.get("qid"))}
-        elif "bad" not in raw:
+        if "bad" in raw:
+            continue
+        if not isinstance(pool, list) or not pool or not all(isinstance(p, str) and p.strip() for p in pool):
+            raw["bad"] = ("question_pool", "expected a non-empty list of prompt strings")
+        else:
             kind = raw.get("answer_type") or ("CLOSED" if is_yes_no(str(raw.get("answer"))) else "OPEN")
-            raw = {**raw, "question": pool[0], "prompts": tuple(p.strip() for p in pool), "answer_type": kind}
-        out.append({**raw, "file": str(path), "index": i, "image_root": str(images)})
-    return out, str(path), ""
+            raw.update(question=pool[0], prompts=tuple(p.strip() for p in pool), answer_type=kind)
+        raw["image_root"] = str(images)
+    return rows
 
 
-# ---------------------------------------------------------------- one entry point
 def _load(dataset: str, split: str, *, root: str | Path | None = None, path: str | Path | None = None,
           size: int | str | None = None, seed: int = 0, skip_bad: bool = False, lang: str | None = "en",
           hub: bool | str = False, verify_images: bool = False) -> tuple[list[Record], list[dict], str, str]:
     key = {"vqarad": "vqa-rad"}.get(k := str(dataset).strip().lower().replace("_", "-"), k)
     if key not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r} (--dataset / dataset=): expected one of {list(DATASETS)}")
-    root_p = Path(root).expanduser() if root is not None else None
-    path_p = Path(path).expanduser() if path is not None else None
-    if key != "vqa-rad":
-        split = normalize_split(split, SPLITS, key)
+    split = normalize_split(split, ("train", "test") if key == "vqa-rad" else SPLITS, key)
+    root_p, path_p = (Path(p).expanduser() if p is not None else None for p in (root, path))
+    local, hub_id = path_p or root_p, HUB_IDS.get(key) if hub is True else str(hub) if hub else None
+    # images: --root when a file is given with --path, else next to the file
+    images = root_p if path_p else None
     if key == "synthetic":
-        rows = _slake(synthetic_dir(size=size, seed=seed, cache_dir=root_p), split, key, "en")
-    elif key == "slake" and (root_p or path_p):
-        rows = _slake(root_p or path_p.parent, split, key, lang)  # type: ignore[union-attr]
-    elif key == "slake" and hub:
-        rows = _slake_hub(SLAKE_HUB_ID if hub is True else str(hub), split, lang)
-    elif key == "vqa-rad" and (root_p or path_p):
-        # images: --root when a file is given with --path, else next to the json
-        rows = _vqa_rad(path_p or root_p, split, root_p if path_p else None)  # type: ignore[arg-type]
-    elif key == "vqa-rad" and hub:
-        rows = _vqa_rad(_hub_snapshot(VQA_RAD_HUB_ID if hub is True else str(hub), ["*.parquet"]), split, None)
-    elif key == "instruction" and (root_p or path_p):
-        rows = _instruction(path_p or root_p, split, root_p if path_p else None)  # type: ignore[arg-type]
+        rows = _slake(synthetic_dir(size=size, seed=seed, cache_dir=root_p), split, "en")
+    elif local is not None and key != "instruction":
+        rows = _slake(root_p or path_p.parent, split, lang) if key == "slake" else _vqa_rad(local, split, images)  # type: ignore[union-attr]
+    elif local is not None:
+        rows = _instruction(local, split, images)
+    elif hub_id and key in HUB_IDS:
+        rows = _slake_hub(hub_id, split, lang) if key == "slake" else _vqa_rad(_hub_snapshot(hub_id, ["*.parquet"]),
+                                                                                split, None)
     else:
-        hub_hint = f", or --hub (python: hub=True) to download {SLAKE_HUB_ID}" if key == "slake" else \
-            f", or --hub (python: hub=True) to download {VQA_RAD_HUB_ID}" if key == "vqa-rad" else ""
+        hint = f", or --hub (python: hub=True) to download {HUB_IDS[key]}" if key in HUB_IDS else ""
         raise FileNotFoundError(f"{key} needs a local copy: --root (python: root=...) for the dataset folder "
-                                f"or --path (python: path=...) for its file{hub_hint}")
-    split = split if key != "vqa-rad" else normalize_split(split, ("train", "test"), key)
-    records, problems = collect(rows[0], dataset=key, split=split, source=rows[1], skip_bad=skip_bad,
-                                verify=verify_images, empty_hint=rows[2],
-                                names={"img_name": "image_name"} if key == "vqa-rad" else None)
-    return records, problems, rows[1], key
+                                f"or --path (python: path=...) for its file{hint}")
+    source = rows[0]["file"] if rows else str(local or key)
+    records, problems = collect(rows, dataset=key, split=split, source=source, skip_bad=skip_bad,
+                                verify=verify_images, names={"img_name": "image_name"} if key == "vqa-rad" else None,
+                                empty_hint=f" in language {lang!r} (field q_lang)" if lang and key == "slake" else "")
+    return records, problems, source, key
 
 
 def load_records(dataset: str = "synthetic", split: str = "train", **kwargs: Any) -> list[Record]:
@@ -248,38 +216,20 @@ def load_records(dataset: str = "synthetic", split: str = "train", **kwargs: Any
 
     Bad records raise ValueError/FileNotFoundError naming file, position in the file, qid and field;
     ``skip_bad=True`` (CLI ``--skip-bad``) drops them with a warning that lists them. Image files are checked
-    to exist; ``verify_images=True`` also decodes each one.
+    to exist; ``verify_images=True`` also decodes each image once.
     """
     return _load(dataset, split, **kwargs)[0]
 
 
-def summarize_dataset(dataset: str = "synthetic", split: str = "train", *, skip_bad: bool = False,
-                      max_problems: int = 10, **kwargs: Any) -> dict[str, Any]:
+def summarize_dataset(dataset: str = "synthetic", split: str = "train", *, max_problems: int = 10,
+                      **kwargs: Any) -> dict[str, Any]:
     """Counts of one split (``load_records``'s arguments), every image decoded once to prove it readable:
     ``records, images, open, closed, yes_no, answers, content_types``, and how many records were skipped
     (``skip_bad=True``) with the first ``max_problems`` of them."""
-    records, problems, source, key = _load(dataset, split, skip_bad=skip_bad, **kwargs)
-    good: list[Record] = []
-    decoded: dict[str, tuple[str, bool] | None] = {}  # img_name -> problem; each image decoded once
-    for rec in records:
-        if rec.img_name not in decoded:
-            decoded[rec.img_name] = image_problem(rec.image_path, rec.image_bytes, verify=True)
-        bad = decoded[rec.img_name]
-        if bad is None:
-            good.append(rec)
-            continue
-        file, index = rec.where or (source, None)
-        problem = {"file": file, "index": index, "qid": rec.qid, "field": "img_name", "message": bad[0]}
-        if not skip_bad:
-            raise ValueError(f"{describe(problem)} (pass --skip-bad (python: skip_bad=True) to skip and list)")
-        problems.append(problem)
-    if not good:
-        raise ValueError(f"{source}: split {split!r} has no record with a readable image")
-    return {
-        "dataset": key, "split": good[0].split, "source": source, "records": len(good),
-        "images": len({r.img_name for r in good}),
-        "open": sum(r.answer_type == "OPEN" for r in good), "closed": sum(r.is_closed for r in good),
-        "yes_no": sum(r.is_yes_no for r in good), "answers": len({r.answer.lower() for r in good}),
-        "content_types": dict(sorted(Counter(r.content_type for r in good).items())),
-        "skipped": len(problems), "problems": problems[:max_problems],
-    }
+    good, problems, source, key = _load(dataset, split, **{**kwargs, "verify_images": True})
+    return {"dataset": key, "split": good[0].split, "source": source, "records": len(good),
+            "images": len({r.img_name for r in good}), "open": sum(r.answer_type == "OPEN" for r in good),
+            "closed": sum(r.is_closed for r in good), "yes_no": sum(r.is_yes_no for r in good),
+            "answers": len({r.answer.lower() for r in good}),
+            "content_types": dict(sorted(Counter(r.content_type for r in good).items())),
+            "skipped": len(problems), "problems": problems[:max_problems]}

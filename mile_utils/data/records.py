@@ -12,7 +12,6 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-ANSWER_TYPES = ("OPEN", "CLOSED")
 SPLITS = ("train", "validation", "test")
 SPLIT_ALIASES = {"val": "validation", "valid": "validation", "validate": "validation", "dev": "validation"}
 SKIP_HINT = "pass --skip-bad (python: skip_bad=True) to skip bad records and list them"
@@ -71,39 +70,24 @@ class Record:
 
     def load_image(self) -> Image.Image:
         """The image as PIL RGB (grayscale scans are replicated to three channels, as BLIP expects)."""
-        bad = image_problem(self.image_path, self.image_bytes, verify=False)
-        if bad is not None:
-            raise (FileNotFoundError if bad[1] else ValueError)(f"{bad[0]} (record qid={self.qid!r})")
         try:
-            with Image.open(io.BytesIO(self.image_bytes) if self.image_bytes is not None
-                            else self.image_path) as img:  # type: ignore[arg-type]
-                return img.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            raise ValueError(f"image {self.img_name!r} is unreadable (record qid={self.qid!r}): {err}") from err
+            return open_image(self.image_path, self.image_bytes)
+        except (FileNotFoundError, ValueError) as err:
+            raise type(err)(f"{err} (record qid={self.qid!r})") from err
 
 
-def image_problem(path: Path | None, data: bytes | None, verify: bool) -> tuple[str, bool] | None:
-    """None if the image is usable, else (what is wrong, whether a file is missing). ``verify`` decodes it."""
-    if data is None:
-        if path is None:
-            return "no image: neither a file nor embedded bytes", False
-        if not path.is_file():
-            return f"image file {path} not found", True
-    if verify:
-        try:
-            with Image.open(io.BytesIO(data) if data is not None else path) as img:  # type: ignore[arg-type]
-                img.load()
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            return f"image {path if data is None else 'bytes'} is unreadable: {err}", False
-    return None
-
-
-class Bad(Exception):
-    """What is wrong with one raw record: the field (as the file names it) and what was expected."""
-
-    def __init__(self, field: str, message: str, qid: Any = None, missing_file: bool = False) -> None:
-        super().__init__(message)
-        self.field, self.message, self.qid, self.missing_file = field, message, qid, missing_file
+def open_image(path: Path | None, data: bytes | None, decode: bool = True) -> Image.Image | None:
+    """RGB image from embedded bytes or a file (``decode=False``: only check it is there); FileNotFoundError
+    or ValueError saying what is wrong."""
+    if data is None and (path is None or not path.is_file()):
+        raise FileNotFoundError(f"image file {path} not found" if path else "no image: no file, no embedded bytes")
+    if not decode:
+        return None
+    try:
+        with Image.open(io.BytesIO(data) if data is not None else path) as img:  # type: ignore[arg-type]
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise ValueError(f"image {path if data is None else 'bytes'} is unreadable: {err}") from err
 
 
 def describe(problem: Mapping[str, Any]) -> str:
@@ -111,65 +95,61 @@ def describe(problem: Mapping[str, Any]) -> str:
             f"field {problem['field']!r}: {problem['message']}")
 
 
-def _empty(value: Any) -> bool:
-    # a null in a parquet file reads as None or NaN: never the answer "nan"
-    return value is None or (isinstance(value, float) and math.isnan(value)) or not str(value).strip()
-
-
-def _record(raw: Mapping[str, Any], split: str, names: Mapping[str, str], verify: bool) -> Record:
-    """Validate one raw record (SLAKE field names; ``names`` gives the file's own) into a :class:`Record`."""
-    qid = raw.get("qid")
+def _problem(raw: Mapping[str, Any], names: Mapping[str, str], verify: bool,
+             checked: dict[tuple[Any, str], str]) -> tuple[str, str] | None:
+    """(field as the file names it, what is wrong) of one raw record, or None when it is usable."""
+    if "bad" in raw:
+        return raw["bad"]
     for name in ("img_name", "question", "answer", "qid"):
         value = raw.get(name)
-        if _empty(value):
-            raise Bad(names.get(name, name), "missing, empty or null (expected a non-empty value)", qid)
+        # a null reads as None from parquet and NaN from json: a bad record, never the answer "nan"
+        if value is None or (isinstance(value, float) and math.isnan(value)) or not str(value).strip():
+            return names.get(name, name), "missing, empty or null (expected a non-empty value)"
         if not isinstance(value, (str, int, float)):
-            raise Bad(names.get(name, name), f"expected text, got {type(value).__name__}", qid)
-    answer = raw["answer"]
-    # some sources store numeric answers as numbers; 2.0 and 2 must both read "2"
-    answer = str(int(answer)) if isinstance(answer, float) and answer.is_integer() else str(answer).strip()
-    answer_type = str(raw.get("answer_type") or "").strip().upper()
-    if answer_type not in ANSWER_TYPES:
-        raise Bad("answer_type", f"{raw.get('answer_type')!r}: expected OPEN or CLOSED", qid)
-    root = raw.get("image_root")
-    bad = image_problem(Path(root) / str(raw["img_name"]).strip() if root is not None else None,
-                        raw.get("image_bytes"), verify)
-    if bad is not None:
-        raise Bad(names.get("img_name", "img_name"), bad[0], qid, bad[1])
-    return Record(img_name=str(raw["img_name"]).strip(), question=str(raw["question"]).strip(), answer=answer,
-                  answer_type=answer_type, content_type=str(raw.get("content_type") or "unknown").strip(),
-                  qid=qid, split=split, image_root=root, q_lang=str(raw.get("q_lang") or "en"),
-                  prompts=tuple(raw.get("prompts") or ()), meta=dict(raw.get("meta") or {}),
-                  image_bytes=raw.get("image_bytes"), where=(raw["file"], raw["index"]))
+            return names.get(name, name), f"expected text, got {type(value).__name__}"
+    if str(raw.get("answer_type") or "").strip().upper() not in ("OPEN", "CLOSED"):
+        return "answer_type", f"{raw.get('answer_type')!r}: expected OPEN or CLOSED"
+    root, name = raw.get("image_root"), str(raw["img_name"]).strip()
+    if (root, name) not in checked:  # each image checked once (SLAKE asks ~10 questions per image)
+        try:  # the image must be there; decoding it (verify) is the slow, optional part
+            open_image(Path(root) / name if root else None, raw.get("image_bytes"), verify)
+            checked[root, name] = ""
+        except (FileNotFoundError, ValueError) as err:
+            checked[root, name] = str(err)
+    return (names.get("img_name", "img_name"), checked[root, name]) if checked[root, name] else None
 
 
-def collect(rows: Iterable[Mapping[str, Any]], *, dataset: str, split: str, source: str,
-            skip_bad: bool, verify: bool = False, names: Mapping[str, str] | None = None,
+def collect(rows: Iterable[Mapping[str, Any]], *, dataset: str, split: str, source: str, skip_bad: bool,
+            verify: bool = False, names: Mapping[str, str] | None = None,
             empty_hint: str = "") -> tuple[list[Record], list[dict[str, Any]]]:
-    """Records and problems (file, index in the file, qid, field, message) of raw rows that carry their
-    ``file`` and ``index``. Bad rows raise (FileNotFoundError for a missing image) unless ``skip_bad``;
-    duplicate qids are bad (predictions are matched by qid); no usable record is an error."""
+    """Records, and problems (file, index = position in the file, qid, field, message), of raw rows in SLAKE's
+    field names that carry their ``file`` and ``index``. Bad rows raise (FileNotFoundError for a missing image)
+    unless ``skip_bad``; a repeated qid is bad (predictions are matched by qid); no usable record is an error."""
     records: list[Record] = []
     problems: list[dict[str, Any]] = []
-    missing: list[bool] = []
     seen: set[str] = set()
+    checked: dict[tuple[Any, str], str] = {}
     for raw in rows:
-        try:
-            if isinstance(raw.get("bad"), Bad):
-                raise raw["bad"]
-            rec = _record(raw, split, names or {}, verify)
-            if str(rec.qid) in seen:
-                raise Bad("qid", "duplicate qid in this split", rec.qid)
-        except Bad as bad:
-            problems.append({"file": raw["file"], "index": raw["index"], "qid": bad.qid, "field": bad.field,
-                             "message": bad.message})
-            missing.append(bad.missing_file)
+        bad = _problem(raw, names or {}, verify, checked)
+        if bad is None and str(raw["qid"]) in seen:
+            bad = ("qid", "duplicate qid in this split")
+        if bad is not None:
+            problems.append({"file": raw["file"], "index": raw["index"], "qid": raw.get("qid"), "field": bad[0],
+                             "message": bad[1]})
             continue
-        seen.add(str(rec.qid))
-        records.append(rec)
+        seen.add(str(raw["qid"]))
+        answer = raw["answer"]  # numbers stored as numbers: 2.0 and 2 both read "2"
+        answer = str(int(answer)) if isinstance(answer, float) and answer.is_integer() else str(answer).strip()
+        records.append(Record(
+            img_name=str(raw["img_name"]).strip(), question=str(raw["question"]).strip(), answer=answer,
+            answer_type=str(raw["answer_type"]).strip().upper(), qid=raw["qid"], split=split,
+            content_type=str(raw.get("content_type") or "unknown").strip(), image_root=raw.get("image_root"),
+            q_lang=str(raw.get("q_lang") or "en"), prompts=tuple(raw.get("prompts") or ()),
+            meta=dict(raw.get("meta") or {}), image_bytes=raw.get("image_bytes"), where=(raw["file"], raw["index"])))
     if problems and not skip_bad:
         more = f"{len(problems) - 1} more bad records; " if len(problems) > 1 else ""
-        raise (FileNotFoundError if missing[0] else ValueError)(f"{describe(problems[0])} ({more}{SKIP_HINT})")
+        error = FileNotFoundError if "not found" in problems[0]["message"] else ValueError
+        raise error(f"{describe(problems[0])} ({more}{SKIP_HINT})")
     if not records:
         raise ValueError(f"{source}: split {split!r} of dataset {dataset!r} has no usable records{empty_hint}"
                          + (f" ({len(problems)} skipped as bad)" if problems else ""))
