@@ -1,21 +1,36 @@
 """One evaluation path for every method: beam-search generation (the reference's), or BLIP's answer ranking.
 
-Both start from the same question states (:func:`mile_utils.train.question_states`, frozen parts from the
-cache) and write ``predictions.jsonl`` (qid, question, answer, prediction, answer_type, content_type) before
-the metrics of :mod:`mile_utils.metrics` are computed from it.
+Both start from the same question states (:func:`mile_utils.train.question_states`, frozen parts
+precomputed) and write ``predictions.jsonl`` (qid, question, answer, prediction, answer_type, content_type)
+before the metrics of :mod:`mile_utils.metrics` are computed from it.
+
+Generation against MISS's original (MILE's ``models/mile_vqa.py``, ``inference='generate'``, transformers 4.26):
+
+* Question mask. The original passes ``encoder_attention_mask = ones`` to the decoder's ``generate``, so
+  beam search attends to the question's padding (training, and ranking, use the real mask). We pass the real
+  question mask, so an answer does not depend on how long the other questions of its batch are;
+  ``reference_quirk=True`` passes the original's all-ones mask.
+* Beam-length normalisation. Both use ``num_beams=3``, ``max_length=10`` (counting the [DEC] prompt),
+  ``min_length=1``, ``length_penalty=1.0``, no early stopping, [SEP] as end; a finished beam scores its summed
+  log-probability over a length. transformers 4.26 divides by the hypothesis without its [SEP] but with the
+  [DEC] prompt (``hyp.shape[-1]``), transformers 5 (ours) by the generated tokens with [SEP] but without the
+  prompt (``cur_len + 1 - decoder_prompt_len``): the same number for every answer that ends in [SEP] ("yes
+  [SEP]": 2 in both). Only a beam cut at ``max_length`` differs (10 there, 9 here: such an over-long answer
+  scores slightly lower here). Not reproduced by ``reference_quirk`` (it would need the old beam scorer).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .files import atomic_write
 from .model import component_modules
 from .profiles import Profile, get_profile
 from .train import (
@@ -24,47 +39,38 @@ from .train import (
     answer_loss,
     decoder_logits,
     encode_answers,
-    fix_cross_attention_masks,
     question_states,
 )
 
 METHODS = ("generate", "rank")
 
 
-def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
-
-
 @torch.no_grad()
-def generate_answers(model: nn.Module, tokenizer: Any, batch: dict[str, Any], profile: Profile) -> list[str]:
+def generate_answers(model: nn.Module, tokenizer: Any, batch: dict[str, Any], profile: Profile, *,
+                     reference_quirk: bool = False) -> list[str]:
     """Beam search from [DEC] as the reference: 3 beams, at most 10 tokens, at least 1, stop at [SEP]."""
     states = question_states(model, batch)
+    mask = torch.ones_like(batch["attention_mask"]) if reference_quirk else batch["attention_mask"]
     bos = torch.full((states.shape[0], 1), tokenizer.bos_token_id, dtype=torch.long, device=states.device)
     out = component_modules(model)["dec"].generate(
-        input_ids=bos, encoder_hidden_states=states, encoder_attention_mask=batch["attention_mask"],
-        num_beams=profile.num_beams, max_length=profile.max_answer_length,
-        min_length=profile.min_answer_length, eos_token_id=tokenizer.sep_token_id,
-        pad_token_id=tokenizer.pad_token_id, do_sample=False)
+        input_ids=bos, encoder_hidden_states=states, encoder_attention_mask=mask, num_beams=profile.num_beams,
+        max_length=profile.max_answer_length, min_length=profile.min_answer_length,
+        eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False)
     return [s.strip() for s in tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
 @torch.no_grad()
-def rank_answers(
-    model: nn.Module, tokenizer: Any, batch: dict[str, Any], profile: Profile, candidates: Sequence[str],
-    *, k: int = 128, label_smoothing: float = 0.1,
-) -> list[str]:
+def rank_answers(model: nn.Module, tokenizer: Any, batch: dict[str, Any], profile: Profile,
+                 candidates: Sequence[str], *, k: int = 128, label_smoothing: float = 0.1) -> list[str]:
     """BLIP's ``rank_answer``: keep the ``k`` candidates whose first token is likeliest after [DEC], then pick
     the one with the lowest answer loss (computed as in training, label smoothing included, as BLIP does)."""
     states = question_states(model, batch)
     qmask = batch["attention_mask"]
-    device = states.device
-    ans_ids, ans_mask, labels = (t.to(device) for t in encode_answers(tokenizer, candidates,
-                                                                       profile.max_answer_tokens))
+    ans_ids, ans_mask, labels = (t.to(states.device) for t in encode_answers(tokenizer, candidates,
+                                                                              profile.max_answer_tokens))
     n_q, k = states.shape[0], min(k, len(candidates))
-    bos, bos_mask = ans_ids[:1, :1].expand(n_q, 1), ans_mask[:1, :1].expand(n_q, 1)
-    first = decoder_logits(model, states, qmask, bos, bos_mask)
-    probs = first[:, 0].float().softmax(-1).index_select(1, ans_ids[:, 1])
-    top_ids = probs.topk(k, dim=1).indices  # (n_q, k)
+    first = decoder_logits(model, states, qmask, ans_ids[:1, :1].expand(n_q, 1), ans_mask[:1, :1].expand(n_q, 1))
+    top_ids = first[:, 0].float().softmax(-1).index_select(1, ans_ids[:, 1]).topk(k, dim=1).indices  # (n_q, k)
     flat = top_ids.reshape(-1)
     logits = decoder_logits(model, states.repeat_interleave(k, 0), qmask.repeat_interleave(k, 0),
                             ans_ids[flat], ans_mask[flat])
@@ -73,9 +79,7 @@ def rank_answers(
     return [candidates[i] for i in best.tolist()]
 
 
-def prediction_rows(
-    records: Sequence[Any], questions: Sequence[str], predictions: Sequence[str]
-) -> list[dict]:
+def prediction_rows(records: Sequence[Any], questions: Sequence[str], predictions: Sequence[str]) -> list[dict]:
     """One row per record: qid, question (the text the model saw), answer, prediction, answer/content type."""
     return [{"qid": r.qid, "question": q, "answer": r.answer, "prediction": p,
              "answer_type": r.answer_type, "content_type": r.content_type}
@@ -83,47 +87,25 @@ def prediction_rows(
 
 
 def write_predictions(path: str | Path, rows: Sequence[dict]) -> None:
-    """Write predictions.jsonl atomically (temporary file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    """Write predictions.jsonl atomically."""
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def read_predictions(path: str | Path) -> list[dict]:
-    with Path(path).open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def evaluate_model(
-    model: nn.Module,
-    tokenizer: Any,
-    profile: str | Profile,
-    dataset: Any,
-    *,
-    namespace: str = "",
-    out_dir: str | Path | None = None,
-    method: str = "generate",
-    candidates: Sequence[str] | None = None,
-    batch_size: int = 32,
-    device: torch.device | str | None = None,
-    autocast: Any = None,
-    dtype: torch.dtype = torch.float32,
-    use_cache: bool = True,
-    label_smoothing: float = 0.1,
-    progress: bool = True,
-) -> dict[str, Any]:
+def evaluate_model(model: nn.Module, tokenizer: Any, profile: str | Profile, dataset: Any, *,
+                   out_dir: str | Path | None = None, method: str = "generate",
+                   candidates: Sequence[str] | None = None, batch_size: int = 32,
+                   device: torch.device | str | None = None, autocast: Any = None, dtype: torch.dtype = torch.float32,
+                   use_cache: bool = True, label_smoothing: float = 0.1, reference_quirk: bool = False,
+                   progress: bool = True) -> dict[str, Any]:
     """Predict an answer for every record of ``dataset`` (a :class:`mile_utils.data.VQADataset`) and score.
 
-    ``method="generate"`` is the reference's beam search, ``"rank"`` BLIP's answer-list ranking over
-    ``candidates`` (e.g. the training answers). ``autocast``/``dtype``: the training run's (the cache stores
-    frozen outputs in the autocast dtype, exactly what the next layer consumes). Returns ``{"metrics",
-    "predictions"}``; with ``out_dir`` the predictions are also written to ``out_dir/predictions.jsonl``.
+    ``method="generate"`` is the reference's beam search (``reference_quirk``: with the original's all-ones
+    question mask), ``"rank"`` BLIP's answer-list ranking over ``candidates`` (e.g. the training answers).
+    ``autocast``/``dtype``: the training run's (frozen outputs are kept in the autocast dtype, exactly what
+    the next layer consumes). Returns ``{"metrics", "predictions", "cache"}``; with ``out_dir`` the
+    predictions are also written to ``out_dir/predictions.jsonl``.
     """
-    from contextlib import nullcontext
-
     from tqdm.auto import tqdm
 
     from .metrics import compute_metrics
@@ -135,33 +117,29 @@ def evaluate_model(
     if len(dataset) == 0:
         raise ValueError("no evaluation records")
     prof = get_profile(profile)
-    fix_cross_attention_masks(model)
-    if device is None:
-        device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     autocast = autocast or nullcontext
     was_training = model.training
     model.eval()
-    features = FrozenFeatures(model, tokenizer, prof, namespace, device=device, dtype=dtype,
-                              enabled=use_cache, batch_size=batch_size)
+    features = FrozenFeatures(model, tokenizer, prof, device=device, dtype=dtype, enabled=use_cache,
+                              batch_size=batch_size)
     features.prepare(dataset, autocast)
     collator = VQACollator(tokenizer, prof, dataset, need_pixels=features.needs_pixels)
     cands = list(dict.fromkeys(candidates or ()))
     predictions: list[str] = []
     questions: list[str] = []
-    for chunk in tqdm(_batches(range(len(dataset)), batch_size), desc="evaluate", leave=False,
-                      disable=not progress):
-        batch = collator(chunk)
+    for start in tqdm(range(0, len(dataset), batch_size), desc="evaluate", leave=False, disable=not progress):
+        batch = collator(range(start, min(start + batch_size, len(dataset))))
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         batch = features.attach(batch, dataset, autocast)
         questions.extend(batch["questions"])
         with autocast():
             if method == "generate":
-                predictions.extend(generate_answers(model, tokenizer, batch, prof))
+                predictions.extend(generate_answers(model, tokenizer, batch, prof, reference_quirk=reference_quirk))
             else:
-                predictions.extend(rank_answers(model, tokenizer, batch, prof, cands,
-                                                label_smoothing=label_smoothing))
+                predictions.extend(rank_answers(model, tokenizer, batch, prof, cands, label_smoothing=label_smoothing))
     model.train(was_training)
     rows = prediction_rows(dataset.records, questions, predictions)
     if out_dir is not None:
         write_predictions(Path(out_dir) / "predictions.jsonl", rows)
-    return {"metrics": compute_metrics(rows, dataset.records), "predictions": rows}
+    return {"metrics": compute_metrics(rows, dataset.records), "predictions": rows, "cache": features.summary()}

@@ -1,7 +1,10 @@
 """Run one configuration end to end (data -> model -> spec -> train -> evaluate -> results.json), or a grid.
 
-:class:`RunConfig` is the one description of a run: the CLI (``python -m mile_utils train``), the notebooks
-and the grid runner build it, and it is written into ``results.json`` so a run can be recognised as finished.
+:class:`RunConfig` is the one description of a run: the CLI's flags are generated from its fields, the
+notebooks and the grid runner build it, and it is written into ``results.json``. A finished run is recognised
+by its identity (:meth:`RunConfig.run_key`): what determines its result, with the data, the starting weights
+and the tokenizer identified by content, never by where they or the run folder lie. So a runs folder moved or
+copied to another machine is reused as is.
 """
 
 from __future__ import annotations
@@ -15,20 +18,25 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .profiles import get_profile
-from .train import CHECKPOINT_NAME, TrainOptions, make_accelerator, train_model, write_json_atomic
+from .files import write_json
+from .profiles import PROFILES, get_profile
+from .train import CHECKPOINT_NAME, make_accelerator, train_model
 
 RESULTS_NAME = "results.json"
 PREDICTIONS_NAME = "predictions.jsonl"
 WEIGHTS_DIR = "weights"
 # the paper's method names -> ours
 PAPER_METHODS = {"F": "F", "T": "T", "LoRA": "lora", "Prefix": "prefix", "IA3": "ia3", "PTV2": "ptv2"}
+# where a run's inputs lie: they enter its identity by content (data, weights, tokenizer) or not at all
+_LOCATIONS = ("out", "checkpoint", "tokenizer", "root", "path", "size")
+_RECORD_CONTENT = ("qid", "img_name", "question", "answer", "answer_type", "content_type", "q_lang", "prompts")
 
 
 def _spec_type() -> Any:
@@ -37,50 +45,46 @@ def _spec_type() -> Any:
     return AdapterSpec
 
 
-def _default_spec() -> Any:
-    return _spec_type().parse("F/T/T")
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    """A RunConfig field with its CLI help (and choices): the CLI is generated from these."""
+    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass
 class RunConfig:
-    """Everything that determines a run. ``None`` training settings take the profile's defaults.
+    """Everything that determines a run. ``None`` training settings take the profile's defaults."""
 
-    ``size`` selects the built-in set's size (``small``, ``full`` or a number of images);
-    ``max_train_samples`` / ``max_eval_samples`` keep a seeded random subset (fast book runs).
-    ``eval_method``: ``generate`` (the reference's beam search) or ``rank`` (BLIP's ranking over the
-    training answers).
-    """
-
-    profile: str = "tiny"
-    dataset: str = "synthetic"
-    spec: Any = field(default_factory=_default_spec)
-    root: str | None = None
-    path: str | None = None
-    size: str | int | None = None
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    min_lr: float | None = None
-    weight_decay: float | None = None
-    seed: int = 0
-    data_seed: int = 0  # the built-in set's generator seed, apart from the training seed
-    out: str | None = None
-    checkpoint: str | None = None
-    tokenizer: str | None = None
-    grad_accum: int = 1
-    train_split: str = "train"
-    eval_split: str = "test"
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    eval_method: str = "generate"
-    eval_batch_size: int | None = None
-    label_smoothing: float = 0.1
-    loss_reduction: str = "sum"
-    gradient_checkpointing: bool = False
-    use_cache: bool = True
-    reference_quirk: bool = False
-    mixed_precision: str | None = None
-    num_workers: int = 0
+    profile: str = _opt("tiny", "model size and training defaults", choices=tuple(PROFILES))
+    dataset: str = _opt("synthetic", "synthetic, slake, vqa-rad or instruction")
+    spec: Any = field(default_factory=lambda: _spec_type().parse("F/T/T"))
+    root: str | None = _opt(None, "dataset folder (Slake1.0, images root, synthetic cache)")
+    path: str | None = _opt(None, "a dataset file (OSF VQA-RAD json, parquet, instruction json)")
+    size: str | int | None = _opt(None, "built-in set size: full, small, or a number of images")
+    epochs: int | None = _opt(None, "default: the profile's")
+    batch_size: int | None = _opt(None, "global batch (default: the profile's)")
+    lr: float | None = _opt(None, "initial learning rate (default: the profile's)")
+    min_lr: float | None = _opt(None, "cosine schedule's floor (default: the profile's)")
+    weight_decay: float | None = _opt(None, "AdamW weight decay (default: the profile's)")
+    seed: int = _opt(0, "initialisation and training seed")
+    data_seed: int = _opt(0, "the built-in set's generator seed")
+    out: str | None = _opt(None, "run folder (default: runs/PROFILE-DATASET/SPEC)")
+    checkpoint: str | None = _opt(None, "initial weights: BLIP/MISS .pth, HF folder or hub id")
+    tokenizer: str | None = _opt(None, "tokenizer folder or hub id (paper profile)")
+    grad_accum: int = _opt(1, "gradient accumulation steps")
+    train_split: str = _opt("train", "training split")
+    eval_split: str = _opt("test", "evaluation split")
+    max_train_samples: int | None = _opt(None, "keep a seeded random subset of the training records")
+    max_eval_samples: int | None = _opt(None, "keep a seeded random subset of the evaluation records")
+    eval_method: str = _opt("generate", "beam search (the reference) or BLIP's ranking over the training answers",
+                            choices=("generate", "rank"))
+    eval_batch_size: int | None = _opt(None, "evaluation batch (default 64)")
+    label_smoothing: float = _opt(0.1, "label smoothing of the answer loss")
+    loss_reduction: str = _opt("sum", "over answer tokens: sum (BLIP/MISS) or mean", choices=("sum", "mean"))
+    gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass")
+    use_cache: bool = _opt(True, "precompute frozen components once per run (never changes results)")
+    reference_quirk: bool = _opt(False, "the reference code's image scaling and generation question mask")
+    mixed_precision: str | None = _opt(None, "default: bf16 on a GPU, fp32 on CPU", choices=("no", "bf16", "fp16"))
+    num_workers: int = _opt(0, "DataLoader workers")
 
     def __post_init__(self) -> None:
         if isinstance(self.spec, str):
@@ -108,16 +112,12 @@ class RunConfig:
         for name in ("epochs", "batch_size", "lr", "min_lr", "weight_decay"):
             if getattr(cfg, name) is None:
                 setattr(cfg, name, getattr(prof, name))
-        if cfg.out is None:
-            cfg.out = str(Path("runs") / f"{self.profile}-{self.dataset}" / self.slug)
-        cfg.out = str(cfg.out)
+        cfg.out = str(cfg.out or Path("runs") / f"{self.profile}-{self.dataset}" / self.slug)
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["spec"] = self.spec.to_dict()
-        d["spec_str"] = self.spec_str
-        return d
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "spec": self.spec.to_dict(),
+                "spec_str": self.spec_str}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
@@ -125,18 +125,59 @@ class RunConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def run_key(self) -> str:
-        """A hash of everything that changes the result (not the output folder)."""
-        d = self.resolved().to_dict()
-        d.pop("out")
-        return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        """The run's identity: a hash of what determines its result (loads the data to identify it)."""
+        cfg = self.resolved()
+        return run_identity(cfg, *_load_data(cfg))["key"]
 
-    @classmethod
-    def from_cli(cls, args: Any) -> RunConfig:
-        """From ``python -m mile_utils train`` arguments (argparse namespace)."""
-        spec = _spec_type()(vit=args.vit, jtm=args.jtm, dec=args.dec, rank=args.rank)
-        names = [f.name for f in fields(cls) if f.name != "spec"]
-        kw = {name: getattr(args, name) for name in names if hasattr(args, name)}
-        return cls(spec=spec, **kw)
+
+# --------------------------------------------------------------------------------------------- identity
+@lru_cache(maxsize=256)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a changed file is read again
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_id(source: str | os.PathLike[str] | None) -> str | None:
+    """A local file or folder by the SHA-256 of its files' bytes (names relative to it); anything else (a hub id)
+    by its name. Hidden files (temporary, editor) are left out."""
+    if source is None:
+        return None
+    path = Path(source).expanduser()
+    if not path.exists():
+        return str(source)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not any(
+        part.startswith(".") for part in p.relative_to(path).parts))
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(path) if f != path else ''}:{_file_digest(str(f), st.st_size, st.st_mtime_ns)}\n"
+                 .encode())
+    return h.hexdigest()[:16]
+
+
+def records_id(records: Sequence[Any]) -> str:
+    """Records by content: their fields (not where their images lie) and their images' bytes."""
+    h, images = hashlib.sha256(), {}
+    for r in records:
+        row = {name: getattr(r, name, None) for name in _RECORD_CONTENT}
+        h.update(json.dumps(row, sort_keys=True, default=str).encode())
+        if r.img_name not in images:
+            data = r.image_bytes if r.image_bytes is not None else r.image_path.read_bytes()
+            images[r.img_name] = hashlib.sha256(data).hexdigest()
+    h.update(json.dumps(images, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def run_identity(cfg: RunConfig, train_records: Sequence[Any], eval_records: Sequence[Any]) -> dict[str, Any]:
+    """``{"key", "data", "checkpoint", "tokenizer"}``: the config without locations, plus content ids."""
+    settings = {k: v for k, v in cfg.resolved().to_dict().items() if k not in _LOCATIONS}
+    parts = {"data": f"{records_id(train_records)}/{records_id(eval_records)}",
+             "checkpoint": content_id(cfg.checkpoint), "tokenizer": content_id(cfg.tokenizer)}
+    text = json.dumps({"settings": settings, **parts}, sort_keys=True, default=str)
+    return {"key": hashlib.sha256(text.encode()).hexdigest()[:16], **parts}
 
 
 # --------------------------------------------------------------------------------------------- one experiment
@@ -153,11 +194,13 @@ def check_writable(out: Path) -> None:
 
 
 def load_results(out: str | Path) -> dict[str, Any] | None:
-    """The ``results.json`` of a run folder, or None when the run has not finished."""
+    """The ``results.json`` of a run folder (``config.out`` set to where it lies now), or None if unfinished."""
     path = Path(out) / RESULTS_NAME
     if not path.is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    results = json.loads(path.read_text(encoding="utf-8"))
+    results["config"]["out"] = str(out)
+    return results
 
 
 def _subset(records: Sequence[Any], n: int | None, seed: int) -> list[Any]:
@@ -167,7 +210,16 @@ def _subset(records: Sequence[Any], n: int | None, seed: int) -> list[Any]:
     return [records[i] for i in keep]
 
 
-def _environment(acc: Any) -> dict[str, Any]:
+def _load_data(cfg: RunConfig) -> tuple[list[Any], list[Any]]:
+    from .data import load_records
+
+    kw = dict(root=cfg.root, path=cfg.path, size=cfg.size, seed=cfg.data_seed)
+    return (_subset(load_records(cfg.dataset, cfg.train_split, **kw), cfg.max_train_samples, cfg.seed),
+            _subset(load_records(cfg.dataset, cfg.eval_split, **kw), cfg.max_eval_samples, cfg.seed))
+
+
+def environment(acc: Any) -> dict[str, Any]:
+    """Library versions, device and threads: what every results file and benchmark records."""
     import accelerate
     import peft
     import transformers
@@ -175,34 +227,12 @@ def _environment(acc: Any) -> dict[str, Any]:
     from . import __version__
 
     device = acc.device
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-    return {
-        "python": sys.version.split()[0], "torch": torch.__version__,
-        "transformers": transformers.__version__, "peft": peft.__version__,
-        "accelerate": accelerate.__version__, "mile_utils": __version__,
-        "platform": platform.platform(), "device": str(device), "device_name": name,
-        "num_processes": acc.num_processes, "mixed_precision": acc.mixed_precision,
-        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-    }
-
-
-def peak_memory(device: torch.device) -> dict[str, Any]:
-    """CUDA max allocated on a GPU; on CPU the process's peak resident set (a high-water mark since start)."""
-    if device.type == "cuda":
-        return {"peak_bytes": int(torch.cuda.max_memory_allocated(device)), "kind": "cuda_max_allocated"}
-    try:
-        import resource
-
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-        return {"peak_bytes": int(rss * scale), "kind": "process_peak_rss"}
-    except ImportError:  # Windows
-        import psutil
-
-        return {"peak_bytes": int(psutil.Process().memory_info().peak_wset), "kind": "process_peak_rss"}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "accelerate": accelerate.__version__, "mile_utils": __version__,
+            "platform": platform.platform(), "device": str(device), "device_name": name,
+            "num_processes": acc.num_processes, "mixed_precision": acc.mixed_precision,
+            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
 
 
 def build_run(cfg: RunConfig) -> tuple[Any, Any]:
@@ -223,135 +253,113 @@ def run_experiment(config: RunConfig, resume: bool = False, *, skip_finished: bo
                    keep_checkpoint: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train and evaluate ``config``; write ``out/results.json``, ``out/predictions.jsonl``, ``out/weights``.
 
-    ``resume`` continues from ``out/checkpoint.pt`` (written after each epoch); a finished run with the same
-    config is returned as is when ``resume`` or ``skip_finished``. The per-epoch checkpoint (trainable
-    weights, optimizer, RNG) is deleted once results are written unless ``keep_checkpoint``.
+    ``resume`` continues from ``out/checkpoint.pt`` (written after each epoch); a finished run of the same
+    identity in ``out`` is returned as is when ``resume`` or ``skip_finished``. The per-epoch checkpoint is
+    deleted once results are written unless ``keep_checkpoint``.
     """
     from .adapters import count_parameters, save_adapters
-    from .data import ImageTransform, VQADataset, load_records
+    from .data import ImageTransform, VQADataset
     from .evaluate import evaluate_model
 
     cfg = config.resolved()
     out = Path(cfg.out)
     check_writable(out)
+    wall_start = time.perf_counter()
+    train_records, eval_records = _load_data(cfg)
+    identity = run_identity(cfg, train_records, eval_records)
     done = load_results(out)
-    if done is not None and (resume or skip_finished) and done.get("config") == json.loads(
-            json.dumps(cfg.to_dict(), default=str)):
+    if done is not None and (resume or skip_finished) and done.get("identity", {}).get("key") == identity["key"]:
         return done
 
-    wall_start = time.perf_counter()
     prof = get_profile(cfg.profile)
-    load_kw = dict(root=cfg.root, path=cfg.path, size=cfg.size, seed=cfg.data_seed)
-    train_records = _subset(load_records(cfg.dataset, cfg.train_split, **load_kw), cfg.max_train_samples,
-                            cfg.seed)
-    eval_records = _subset(load_records(cfg.dataset, cfg.eval_split, **load_kw), cfg.max_eval_samples,
-                           cfg.seed)
     transform = ImageTransform(prof.image_size, reference_quirk=cfg.reference_quirk)
     train_ds = VQADataset(train_records, transform, train=True, seed=cfg.seed)
     eval_ds = VQADataset(eval_records, transform, train=False, seed=cfg.seed)
-    # img_name is unique only within one source: the cache namespace names the source and the pixels' recipe
-    namespace = f"{cfg.dataset}|{cfg.root}|{cfg.path}|{cfg.size}|{cfg.data_seed}|{transform!r}"
-
     acc = make_accelerator(cfg.grad_accum, cfg.mixed_precision)
     tokenizer, model = build_run(cfg)
-    if acc.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(acc.device)
-    options = TrainOptions(
-        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, min_lr=cfg.min_lr,
-        weight_decay=cfg.weight_decay, seed=cfg.seed, grad_accum=cfg.grad_accum,
-        label_smoothing=cfg.label_smoothing,
-        loss_reduction=cfg.loss_reduction, gradient_checkpointing=cfg.gradient_checkpointing,
-        use_cache=cfg.use_cache, num_workers=cfg.num_workers, run_key=cfg.run_key(), progress=progress)
-    trained = train_model(model, tokenizer, prof, train_ds, options, namespace=namespace, out_dir=out,
-                          resume=resume, accelerator=acc)
-    memory = peak_memory(acc.device)
+    trained = train_model(model, tokenizer, train_ds, cfg, out_dir=out, resume=resume, run_key=identity["key"],
+                          accelerator=acc, progress=progress)
 
     if acc.is_main_process:
         eval_start = time.perf_counter()
-        dtype = torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32
         evaluated = evaluate_model(
-            model, tokenizer, prof, eval_ds, namespace=namespace, out_dir=out, method=cfg.eval_method,
+            model, tokenizer, prof, eval_ds, out_dir=out, method=cfg.eval_method,
             candidates=sorted({r.answer for r in train_records}), batch_size=cfg.eval_batch_size or 64,
-            device=acc.device, autocast=acc.autocast, dtype=dtype, use_cache=cfg.use_cache,
-            label_smoothing=cfg.label_smoothing, progress=progress)
+            device=acc.device, autocast=acc.autocast, use_cache=cfg.use_cache,
+            dtype=torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32,
+            label_smoothing=cfg.label_smoothing, reference_quirk=cfg.reference_quirk, progress=progress)
         eval_seconds = time.perf_counter() - eval_start
         save_adapters(model, cfg.spec, out / WEIGHTS_DIR)
-        results = {
+        write_json(out / RESULTS_NAME, {
             "config": cfg.to_dict(),
+            "identity": identity,
             "params": count_parameters(model, cfg.spec),
             "metrics": evaluated["metrics"],
-            "history": trained.history,
+            "history": trained["history"],
             "data": {"train": len(train_records), "eval": len(eval_records), "eval_split": cfg.eval_split,
                      "train_images": len({r.img_name for r in train_records})},
             "timing": {
                 "wall_s": round(time.perf_counter() - wall_start, 3),
-                "train_s": round(trained.train_seconds, 3),
-                "cache_s": round(trained.cache_seconds, 3),
+                "train_s": round(trained["train_seconds"], 3),
+                "cache_s": round(trained["cache_seconds"], 3),
                 "eval_s": round(eval_seconds, 3),
-                "train_samples_per_s": round(trained.samples / max(trained.train_seconds, 1e-9), 3),
-                "resumed_from_epoch": trained.resumed_from_epoch,
+                "train_samples_per_s": round(trained["samples"] / max(trained["train_seconds"], 1e-9), 3),
+                "resumed_from_epoch": trained["resumed_from_epoch"],
             },
-            "cache": trained.cached,
-            "memory": memory,
-            "environment": _environment(acc),
+            "cache": {**trained["cached"], "eval_bytes": evaluated["cache"]["bytes"]},
+            # the training loop's peak (reset at its start); the frozen-feature precompute lies on the CPU apart
+            "memory": {**trained["memory"], "cache_bytes": trained["cached"]["bytes"]},
+            "environment": environment(acc),
             "files": {"predictions": PREDICTIONS_NAME, "weights": WEIGHTS_DIR},
-        }
-        write_json_atomic(out / RESULTS_NAME, results)
+        })
         if not keep_checkpoint:
             (out / CHECKPOINT_NAME).unlink(missing_ok=True)
     acc.wait_for_everyone()
-    return json.loads((out / RESULTS_NAME).read_text(encoding="utf-8"))
+    return load_results(out)  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------------------------------------------ grids
 def results_row(results: dict[str, Any]) -> dict[str, Any]:
     """One flat table row of a run's results (what the grid table and the book's comparisons show)."""
-    cfg, m, p = results["config"], results["metrics"], results["params"]
-    spec = cfg["spec"]
-    row = {
+    cfg, m, p, spec = results["config"], results["metrics"], results["params"], results["config"]["spec"]
+    closed_yes_no = m.get("yes_no", {}).get("closed")
+    return {
         "spec": cfg.get("spec_str") or f"{spec['vit']}/{spec['jtm']}/{spec['dec']}",
-        # the rank means something only where LoRA is used; elsewhere it is left empty in tables
         "vit": spec["vit"], "jtm": spec["jtm"], "dec": spec["dec"],
+        # the rank means something only where LoRA is used; elsewhere it is left empty in tables
         "rank": spec.get("rank") if "lora" in (spec["vit"], spec["jtm"], spec["dec"]) else None,
         "profile": cfg["profile"], "dataset": cfg["dataset"], "epochs": cfg["epochs"], "seed": cfg["seed"],
         "trainable_pct": p.get("percent"), "trainable": p.get("trainable"), "total": p.get("total"),
         "open": m["open"]["accuracy"], "closed": m["closed"]["accuracy"], "global": m["global"]["accuracy"],
-    }
-    if "yes_no" in m:
-        row["closed_yes_no"] = m["yes_no"].get("closed", {}).get("accuracy") if isinstance(
-            m["yes_no"].get("closed"), dict) else None
-    row.update({
+        **({"closed_yes_no": closed_yes_no.get("accuracy") if isinstance(closed_yes_no, dict) else None}
+           if "yes_no" in m else {}),
         "final_loss": results["history"][-1]["loss"] if results.get("history") else None,
         "peak_memory_gb": results["memory"]["peak_bytes"] / 2**30, "memory_kind": results["memory"]["kind"],
-        "wall_s": results["timing"]["wall_s"],
-        "train_samples_per_s": results["timing"]["train_samples_per_s"],
+        "cache_gb": results["memory"].get("cache_bytes", 0) / 2**30,
+        "wall_s": results["timing"]["wall_s"], "train_samples_per_s": results["timing"]["train_samples_per_s"],
         "device": results["environment"]["device_name"], "out": cfg["out"],
-    })
-    return row
+    }
 
 
 def run_grid(configs: Iterable[RunConfig], *, skip_finished: bool = True, progress: bool = True) -> Any:
-    """Run each config (finished ones, same config and results.json present, are skipped) -> pandas table."""
+    """Run each config (a finished run of the same identity in its folder is skipped) -> pandas table."""
     import pandas as pd
 
-    rows = [results_row(run_experiment(c, skip_finished=skip_finished, progress=progress)) for c in configs]
-    return pd.DataFrame(rows)
+    return pd.DataFrame([results_row(run_experiment(c, skip_finished=skip_finished, progress=progress))
+                         for c in configs])
 
 
 def collect_results(root: str | Path) -> Any:
     """A pandas table of every ``results.json`` under ``root`` (e.g. a results folder from a GPU run)."""
     import pandas as pd
 
-    paths = sorted(Path(root).rglob(RESULTS_NAME))
-    rows = [results_row(json.loads(p.read_text(encoding="utf-8"))) for p in paths]
-    return pd.DataFrame(rows)
+    return pd.DataFrame([results_row(load_results(p.parent)) for p in sorted(Path(root).rglob(RESULTS_NAME))])
 
 
 def paper_reference() -> dict[str, Any]:
     """The paper's published numbers (``mile_utils/reference/mile_paper_results.json``)."""
     ref = resources.files("mile_utils.reference").joinpath("mile_paper_results.json")
-    text = ref.read_text(encoding="utf-8")
-    return json.loads(text)
+    return json.loads(ref.read_text(encoding="utf-8"))
 
 
 def paper_rows(include_full: bool = True) -> list[dict[str, Any]]:
@@ -360,35 +368,32 @@ def paper_rows(include_full: bool = True) -> list[dict[str, Any]]:
     Each row: ``spec`` in our names (``F/lora/lora``), ``rank`` (LoRA rows), ``table``, and the paper's
     ``params_pct``, ``memory_gb``, ``open``, ``closed``, ``global`` (full fine-tuning: none in those tables).
     """
-    rows = []
-    for r in paper_reference()["tables_1_to_4"]:
-        spec = "/".join(PAPER_METHODS[r[c]] for c in ("vit", "jtm", "dec"))
-        rows.append({"spec": spec, "rank": r.get("rank"), **{k: r[k] for k in (
-            "table", "params_pct", "memory_gb", "open", "closed", "global")}})
+    rows = [{"spec": "/".join(PAPER_METHODS[r[c]] for c in ("vit", "jtm", "dec")), "rank": r.get("rank"),
+             **{k: r[k] for k in ("table", "params_pct", "memory_gb", "open", "closed", "global")}}
+            for r in paper_reference()["tables_1_to_4"]]
     if include_full:
         rows.append({"spec": "T/T/T", "rank": None, "table": None, "params_pct": 100.0, "memory_gb": None,
                      "open": None, "closed": None, "global": None})
     return rows
 
 
-def paper_grid(base: RunConfig | None = None, *, include_full: bool = True,
+def paper_grid(base: RunConfig | None = None, *, table: int | None = None, include_full: bool = True,
                specs: Sequence[str] | None = None, out_root: str | Path | None = None) -> list[RunConfig]:
-    """RunConfigs for the paper's grid (or the rows whose spec is in ``specs``), each in ``out_root/<slug>``.
-
-    ``base`` carries everything else (profile, dataset, epochs, ...); LoRA rows take the row's rank.
-    """
+    """RunConfigs for the paper's grid, each in ``out_root/<slug>``: the rows of Table ``table`` (1-4) only,
+    or the rows whose spec is in ``specs``. ``base`` carries everything else; LoRA rows take the row's rank."""
     base = base or RunConfig()
+    if table is not None and table not in {r["table"] for r in paper_rows(False)}:
+        raise ValueError(f"table {table!r}: the paper's grid has Tables 1-4")
     root = Path(out_root) if out_root is not None else Path("runs") / f"{base.profile}-{base.dataset}"
-    spec_type = _spec_type()
     configs = []
     for row in paper_rows(include_full):
-        if specs is not None and row["spec"] not in specs:
+        if (specs is not None and row["spec"] not in specs) or (table is not None and row["table"] != table):
             continue
-        parsed = spec_type.parse(row["spec"])
+        parsed = _spec_type().parse(row["spec"])
         kw = base.spec.to_dict() | {"vit": parsed.vit, "jtm": parsed.jtm, "dec": parsed.dec}
         if row["rank"] is not None:
             kw["rank"] = row["rank"]
-        cfg = replace(base, spec=spec_type.from_dict(kw))
+        cfg = replace(base, spec=_spec_type().from_dict(kw))
         configs.append(replace(cfg, out=str(root / cfg.slug)))
     return configs
 
@@ -399,7 +404,7 @@ def trained_model(config: RunConfig) -> tuple[Any, Any]:
     from .adapters import load_adapters
 
     cfg = config.resolved()
-    weights = Path(cfg.out) / "weights"
+    weights = Path(cfg.out) / WEIGHTS_DIR
     if not weights.is_dir():
         raise FileNotFoundError(f"{weights}: the run has no trained weights (has it finished?)")
     tokenizer, model = build_run(cfg)
@@ -409,11 +414,14 @@ def trained_model(config: RunConfig) -> tuple[Any, Any]:
 
 def export_model(config: RunConfig, dest: str | Path) -> Path:
     """Write a finished run's whole model to ``dest`` (a folder ``RunConfig.checkpoint`` accepts); kept if there."""
-    from .checkpoints import save_trained
+    import tempfile
 
     dest = Path(dest)
     if not (dest / "model.safetensors").is_file():
-        save_trained(trained_model(config)[1], dest, metadata={"run": str(config.resolved().out)})
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.")
+        trained_model(config)[1].save_pretrained(tmp)  # a Hugging Face folder: config.json + model.safetensors
+        os.replace(tmp, dest)  # whole folder at once: a reader never sees half of it
     return dest
 
 
@@ -425,17 +433,11 @@ def pretrained_stand_in(runs_dir: str | Path, *, seed: int = 0, data_seed: int =
     a frozen random ViT says nothing about freezing. So the stand-in is the tiny model fully trained (T/T/T,
     the profile's defaults) on another instance of the built-in set (generator seed ``data_seed + 1``: other
     scans and questions than the chapters train and test on); the chapters then fine-tune it. It is trained
-    once, in ``runs_dir/tiny-pretrained``; returns the folder of the exported model (for ``checkpoint``).
+    once, in ``runs_dir/tiny-pretrained``; returns the folder of the exported model (for ``checkpoint``), named
+    by the stand-in run's identity, so a moved runs folder is found again.
     """
     root = Path(runs_dir) / "tiny-pretrained"
     cfg = RunConfig(profile="tiny", dataset="synthetic", spec="T/T/T", size=size, seed=seed,
                     data_seed=data_seed + 1, out=str(root / "T-T-T"))
-    run_experiment(cfg, skip_finished=True, progress=progress)
-    return str(export_model(cfg, root / f"model-{cfg.run_key()}"))
-
-
-__all__ = [
-    "RunConfig", "run_experiment", "run_grid", "collect_results", "results_row", "paper_rows", "paper_grid",
-    "paper_reference", "load_results", "check_writable", "build_run", "peak_memory", "trained_model",
-    "export_model", "pretrained_stand_in",
-]
+    results = run_experiment(cfg, skip_finished=True, progress=progress)
+    return str(export_model(cfg, root / f"model-{results['identity']['key']}"))

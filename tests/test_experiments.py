@@ -35,7 +35,11 @@ def test_results_json_schema(finished):
         assert 0.0 <= results["metrics"][block]["accuracy"] <= 100.0
     assert "yes_no" in results["metrics"]
     assert results["timing"]["wall_s"] > 0 and results["timing"]["train_samples_per_s"] > 0
-    assert results["memory"]["peak_bytes"] > 0 and results["memory"]["kind"] == "process_peak_rss"
+    memory = results["memory"]  # the training loop's own peak; the frozen ViT's precompute counted apart
+    assert memory["peak_bytes"] > 0 and memory["kind"] == "process_peak_rss_of_run"
+    assert memory["cache_bytes"] == results["cache"]["bytes"] > 0 and results["cache"]["device"] == "cpu"
+    assert set(results["identity"]) == {"key", "data", "checkpoint", "tokenizer"}
+    assert str(Path(out).parent) not in json.dumps(results["identity"])  # no path in the identity
     env = results["environment"]
     assert {"torch", "transformers", "peft", "accelerate", "device", "python"} <= set(env)
     assert [h["epoch"] for h in results["history"]] == [1, 2]
@@ -83,6 +87,11 @@ def test_unwritable_output_fails_before_training(tmp_path, monkeypatch):
 
 
 def test_paper_grid_has_the_23_rows_and_full_fine_tuning(tmp_path):
+    tables = {n: [c.spec_str for c in paper_grid(RunConfig(**FAST), table=n)] for n in (1, 2, 3, 4)}
+    assert sum(map(len, tables.values())) == 23 and "T/T/T" not in sum(tables.values(), [])
+    assert tables == {n: [r["spec"] for r in paper_rows(False) if r["table"] == n] for n in (1, 2, 3, 4)}
+    with pytest.raises(ValueError, match="Tables 1-4"):
+        paper_grid(table=5)
     rows = paper_rows()
     assert len(rows) == 24 and rows[-1]["spec"] == "T/T/T"
     configs = paper_grid(RunConfig(**FAST), out_root=tmp_path)
@@ -94,14 +103,35 @@ def test_paper_grid_has_the_23_rows_and_full_fine_tuning(tmp_path):
     assert [c.spec_str for c in only] == ["F/F/prefix", "T/T/T"]
 
 
-def test_cli_config_round_trip():
-    from mile_utils.__main__ import build_parser
+def test_cli_is_generated_from_the_run_config(monkeypatch, capsys):
+    import mile_utils.experiments as experiments
+    from mile_utils.__main__ import build_parser, main
 
-    args = build_parser().parse_args(["train", "--vit", "F", "--jtm", "lora", "--dec", "lora", "--rank", "8",
-                                      "--epochs", "3", "--out", "x", "--no-cache",
-                                      "--max-train-samples", "10"])
-    config = RunConfig.from_cli(args)
-    assert config.spec_str == "F/lora/lora" and config.spec.rank == 8 and config.epochs == 3
-    assert config.use_cache is False and config.max_train_samples == 10
-    assert RunConfig.from_dict(json.loads(json.dumps(config.to_dict()))).run_key() == config.run_key()
+    class Reached(Exception):
+        pass
+
+    seen = {}
+
+    def runner(config, **kwargs):
+        seen["config"] = config
+        raise Reached
+
+    monkeypatch.setattr(experiments, "run_experiment", runner)
+    with pytest.raises(Reached):
+        main(["train", "--vit", "F", "--jtm", "lora", "--dec", "lora", "--rank", "8", "--epochs", "3", "--out", "x",
+              "--no-use-cache", "--max-train-samples", "10", "--lora-dropout", "0.05", "--reference-quirk"])
+    config = seen["config"]
+    assert config.spec_str == "F/lora/lora" and config.spec.rank == 8 and config.spec.lora_dropout == 0.05
+    assert config.epochs == 3 and config.use_cache is False and config.reference_quirk is True
+    assert config.max_train_samples == 10 and config.out == "x"
     assert config.lr is None and config.resolved().lr == get_profile("tiny").lr  # profile default filled
+    # every RunConfig field is a flag, with the dataclass's default
+    defaults = vars(build_parser("mile").parse_args(["train"]))
+    assert {k: defaults[k] for k in RunConfig().to_dict() if k not in ("spec", "spec_str")} == {
+        k: v for k, v in RunConfig().to_dict().items() if k not in ("spec", "spec_str")}
+    assert RunConfig.from_dict(json.loads(json.dumps(config.to_dict()))).to_dict() == config.to_dict()
+    # the usage line names the program that was run; bad input: one line, no traceback
+    assert build_parser("mile").format_usage().startswith("usage: mile ")
+    assert main(["train", "--vit", "loraa"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and "loraa" in err

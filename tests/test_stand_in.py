@@ -3,11 +3,20 @@ exported as a checkpoint folder, and the weights the chapters' runs start from."
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from mile_utils.experiments import RunConfig, build_run, load_results, pretrained_stand_in, trained_model
+from mile_utils.experiments import (
+    RunConfig,
+    build_run,
+    load_results,
+    pretrained_stand_in,
+    run_experiment,
+    trained_model,
+)
 
 
 def test_stand_in_is_trained_once_on_other_data_and_starts_runs(tmp_path) -> None:
@@ -28,3 +37,52 @@ def test_stand_in_is_trained_once_on_other_data_and_starts_runs(tmp_path) -> Non
     assert torch.equal(a, b)
     _, fresh = build_run(RunConfig(spec="F/F/lora", size=24).resolved())
     assert not torch.equal(a, fresh.vision_model.embeddings.patch_embedding.weight)
+
+
+def _count_training(monkeypatch) -> list[str]:
+    """The runs trained from now on (the runner's call to the loop), by spec."""
+    import mile_utils.experiments as experiments
+
+    calls: list[str] = []
+    real = experiments.train_model
+
+    def counted(model, tokenizer, dataset, options, **kwargs):
+        calls.append(options.spec_str)
+        return real(model, tokenizer, dataset, options, **kwargs)
+
+    monkeypatch.setattr(experiments, "train_model", counted)
+    return calls
+
+
+def _config(runs: Path, checkpoint: str, **changes) -> RunConfig:
+    return RunConfig(spec="F/F/lora", size=24, epochs=1, batch_size=16, max_train_samples=32, max_eval_samples=16,
+                     checkpoint=checkpoint, out=str(runs / "tiny-synthetic" / "F-F-lora"), **changes)
+
+
+def test_a_moved_or_copied_runs_folder_is_reused(tmp_path, monkeypatch) -> None:
+    """Runs are found by what determines them (settings, data and starting weights by content), never by path."""
+    trained = _count_training(monkeypatch)
+    first = tmp_path / "first" / "runs"
+    before = run_experiment(_config(first, pretrained_stand_in(first, size=24, progress=False)), progress=False)
+    assert trained == ["T/T/T", "F/F/lora"]
+    moved = tmp_path / "moved" / "to" / "another" / "prefix" / "runs"
+    shutil.move(str(first), moved)
+    copied = tmp_path / "copy" / "runs"
+    shutil.copytree(moved, copied)
+    for runs in (moved, copied):
+        checkpoint = pretrained_stand_in(runs, size=24, progress=False)
+        assert Path(checkpoint).parent == runs / "tiny-pretrained"  # found where it lies now
+        after = run_experiment(_config(runs, checkpoint), skip_finished=True, progress=False)
+        assert trained == ["T/T/T", "F/F/lora"]  # nothing trained again
+        assert after["identity"] == before["identity"] and after["metrics"] == before["metrics"]
+        assert after["history"] == before["history"] and after["config"]["out"] == str(runs / "tiny-synthetic"
+                                                                                      / "F-F-lora")
+    run_experiment(_config(copied, checkpoint, lr=5e-4), skip_finished=True, progress=False)
+    assert trained[2:] == ["F/F/lora"]  # another hyper-parameter: trained again
+    weights = Path(pretrained_stand_in(moved, size=24, progress=False)) / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(k for k, t in tensors.items() if t.is_floating_point())
+    tensors[name] = tensors[name] + 1.0
+    save_file(tensors, weights, metadata={"format": "pt"})
+    run_experiment(_config(moved, str(weights.parent)), skip_finished=True, progress=False)
+    assert trained[3:] == ["F/F/lora"]  # same path, other starting weights: trained again

@@ -1,4 +1,5 @@
-"""The training loop: collate, loss, lr schedule, caches, trainable-only optimizer/checkpoint, NaN stop."""
+"""The training loop: collate, loss, lr schedule, per-run precompute, trainable-only optimizer/checkpoint, NaN
+stop, per-run peak memory."""
 
 from __future__ import annotations
 
@@ -11,25 +12,23 @@ import torch
 from PIL import Image
 
 from mile_utils.adapters import apply_spec
-from mile_utils.data.records import Record
-from mile_utils.data.transforms import ImageTransform, VQADataset
+from mile_utils.data import ImageTransform, Record, VQADataset
+from mile_utils.experiments import RunConfig
 from mile_utils.model import ENC_TOKEN, build_model, build_tokenizer
 from mile_utils.profiles import get_profile
 from mile_utils.train import (
     CHECKPOINT_NAME,
-    FeatureCache,
     FrozenFeatures,
     NonFiniteLossError,
-    TrainOptions,
     VQACollator,
     VQALoss,
-    cosine_lr,
     encode_answers,
     encode_questions,
     load_checkpoint,
     make_accelerator,
+    peak_memory,
+    reset_peak_memory,
     train_model,
-    weights_fingerprint,
 )
 
 TINY = get_profile("tiny")
@@ -74,11 +73,25 @@ def test_collate_follows_blip_conventions(tokenizer):
     assert "pixel_values" not in batch and batch["img_names"] == ["img0.png", "img1.png"]
 
 
-def test_cosine_schedule_matches_reference():
-    assert cosine_lr(0, 10, 1e-3, 1e-5) == pytest.approx(1e-3)
-    assert cosine_lr(5, 10, 1e-3, 1e-5) == pytest.approx((1e-3 - 1e-5) * 0.5 + 1e-5)
-    assert cosine_lr(10, 10, 1e-3, 0.0) == pytest.approx(0.0, abs=1e-12)
-    assert cosine_lr(3, 130, 1e-5, 0.0) == pytest.approx(1e-5 * 0.5 * (1 + math.cos(math.pi * 3 / 130)))
+def cosine_lr(epoch: int, max_epoch: int, init_lr: float, min_lr: float) -> float:
+    """BLIP's per-epoch cosine, written out: what torch's CosineAnnealingLR must reproduce."""
+    return (init_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * epoch / max_epoch)) + min_lr
+
+
+@pytest.mark.parametrize(("epochs", "lr", "min_lr"), [(1, 1e-3, 1e-5), (3, 1e-3, 1e-5), (6, 1e-3, 1e-5),
+                                                       (130, 1e-5, 0.0)])
+def test_cosine_schedule_matches_reference(epochs, lr, min_lr):
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=min_lr)
+    got = []
+    for _ in range(epochs):
+        got.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    want = [cosine_lr(e, epochs, lr, min_lr) for e in range(epochs)]
+    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1e-12 * lr
+    if epochs <= 6:  # the tiny book's schedules: bit for bit
+        assert got == want
 
 
 def test_loss_is_summed_over_tokens_and_averaged_over_batch(tokenizer):
@@ -97,14 +110,16 @@ def test_loss_is_summed_over_tokens_and_averaged_over_batch(tokenizer):
 
 
 @pytest.mark.parametrize("spec", ["F/F/lora", "F/T/T"])
-def test_loss_with_cache_equals_loss_without(tokenizer, spec):
+def test_loss_with_precompute_equals_loss_without(tokenizer, spec):
     model = make_model(tokenizer, spec)
     ds = make_dataset(12)
     indices = list(range(12))
-    cached = FrozenFeatures(model, tokenizer, TINY, "test-eq", cache=FeatureCache(1 << 30))
-    plain = FrozenFeatures(model, tokenizer, TINY, "test-eq", enabled=False)
+    cached = FrozenFeatures(model, tokenizer, TINY)
+    plain = FrozenFeatures(model, tokenizer, TINY, enabled=False)
     cached.prepare(ds)
     assert cached.vit_cached and cached.jtm_cached == (spec == "F/F/lora") and not plain.vit_cached
+    summary = cached.summary()
+    assert summary["entries_computed"] > 0 and summary["bytes"] > 0 and plain.summary()["bytes"] == 0
     loss = VQALoss(model)
     with torch.no_grad():
         torch.manual_seed(1)  # same LoRA dropout masks in both forwards
@@ -114,48 +129,48 @@ def test_loss_with_cache_equals_loss_without(tokenizer, spec):
     torch.testing.assert_close(with_cache, without, rtol=1e-5, atol=1e-5)
 
 
-def test_cache_never_serves_stale_entries(tokenizer):
-    cache = FeatureCache(1 << 30)
+def test_precompute_belongs_to_one_run(tokenizer):
+    """No process-wide store: a new FrozenFeatures computes again, from the weights it is given now."""
     model = make_model(tokenizer, "F/F/lora")
     ds = make_dataset(6)
-    first = FrozenFeatures(model, tokenizer, TINY, "stale", cache=cache)
+    first = FrozenFeatures(model, tokenizer, TINY)
     first.prepare(ds)
-    assert first.computed > 0 and len(cache) > 0
-    again = FrozenFeatures(model, tokenizer, TINY, "stale", cache=cache)
-    again.prepare(ds)
-    assert again.computed == 0  # same weights: everything served from the process cache
-    fp = weights_fingerprint(model.vision_model)
     with torch.no_grad():
         model.vision_model.post_layernorm.bias.add_(0.5)  # e.g. new weights loaded into the frozen ViT
-    assert weights_fingerprint(model.vision_model) != fp
-    changed = FrozenFeatures(model, tokenizer, TINY, "stale", cache=cache)
-    changed.prepare(ds)
-    assert changed.computed == first.computed  # recomputed, not served from the old entries
+    again = FrozenFeatures(model, tokenizer, TINY)
+    again.prepare(ds)
+    assert again.computed == first.computed > 0
+    batch = VQACollator(tokenizer, TINY, ds, need_pixels=False)([0, 1])
+    a = first.attach(dict(batch), ds)["question_states"]
+    b = again.attach(dict(batch), ds)["question_states"]
+    assert not torch.allclose(a, b)  # the second run saw the new weights
 
 
 def test_trainable_only_in_optimizer_and_checkpoint(tokenizer, tmp_path):
     model = make_model(tokenizer, "F/F/lora")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    options = TrainOptions(epochs=2, batch_size=8, lr=1e-3, progress=False)
-    result = train_model(model, tokenizer, TINY, make_dataset(16), options,
-                         namespace="t-opt", out_dir=tmp_path, accelerator=make_accelerator())
-    state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    options = RunConfig(epochs=2, batch_size=8, lr=1e-3, min_lr=0.0).resolved()
+    result = train_model(model, tokenizer, make_dataset(16), options, out_dir=tmp_path, run_key="k",
+                         accelerator=make_accelerator(), progress=False)
+    state = load_checkpoint(tmp_path / CHECKPOINT_NAME)  # torch's safe loader (weights_only=True) reads it
     assert set(state["trainable"]) == trainable and all(".lora_" in n for n in trainable)
     assert len(state["optimizer"]["param_groups"][0]["params"]) == len(trainable)
-    assert state["epoch"] == 1 and set(state["rng"]) >= {"torch", "numpy", "python"}
-    assert [h["lr"] for h in result.history] == pytest.approx([cosine_lr(e, 2, 1e-3, 0.0) for e in range(2)])
+    assert state["epoch"] == 1 and state["run_key"] == "k" and state["scheduler"]["last_epoch"] == 2
+    assert [h["lr"] for h in result["history"]] == [cosine_lr(e, 2, 1e-3, 0.0) for e in range(2)]
     for n, p in model.named_parameters():
         if n in frozen_before:
             assert torch.equal(p, frozen_before[n]), n
-    assert result.cached["jtm"] and result.history[-1]["loss"] < result.history[0]["loss"]
+    history = result["history"]
+    assert result["cached"]["jtm"] and history[-1]["loss"] < history[0]["loss"]
+    assert result["memory"]["peak_bytes"] > 0 and result["cached"]["device"] == "cpu"
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tokenizer, tmp_path, monkeypatch):
     import mile_utils.train as train
 
     model = make_model(tokenizer, "F/F/T")
-    options = TrainOptions(epochs=3, batch_size=8, lr=1e-3, progress=False)
+    options = RunConfig(epochs=3, batch_size=8, lr=1e-3).resolved()
     calls = {"n": 0}
     real = train.answer_loss
 
@@ -166,15 +181,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tokenizer, tmp_path, monk
 
     monkeypatch.setattr(train, "answer_loss", poisoned)
     with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 1.*last good checkpoint \(epoch 1\)"):
-        train_model(model, tokenizer, TINY, make_dataset(16), options, namespace="t-nan", out_dir=tmp_path,
-                    accelerator=make_accelerator())
+        train_model(model, tokenizer, make_dataset(16), options, out_dir=tmp_path, accelerator=make_accelerator(),
+                    progress=False)
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["epoch"] == 0
 
 
 def test_decoder_ignores_question_padding(tokenizer):
     """transformers' BLIP cross-attention drops the encoder mask; the engine restores BLIP's masking."""
     model = make_model(tokenizer, "F/T/T").eval()
-    VQALoss(model)  # applies fix_cross_attention_masks
     states = torch.randn(2, 5, TINY.text_hidden)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     ids = torch.tensor([[tokenizer.bos_token_id, 50, tokenizer.sep_token_id]] * 2)
@@ -185,3 +199,18 @@ def test_decoder_ignores_question_padding(tokenizer):
         a = dec(input_ids=ids, encoder_hidden_states=states, encoder_attention_mask=mask).logits
         b = dec(input_ids=ids, encoder_hidden_states=noisy, encoder_attention_mask=mask).logits
     torch.testing.assert_close(a, b)
+
+
+def test_peak_memory_is_measured_from_the_reset():
+    """On Linux the CPU figure is the process's resident high-water mark since the run's reset, not since the
+    process started: a large allocation freed before the reset does not count."""
+    device = torch.device("cpu")
+    big = np.ones(60_000_000)  # ~460 MiB, resident
+    big[::512] = 2.0
+    before = peak_memory(device)["peak_bytes"]
+    del big
+    reset_peak_memory(device)
+    after = peak_memory(device)
+    if after["kind"] != "process_peak_rss_of_run":
+        pytest.skip("the resident peak can be reset on Linux only")
+    assert after["peak_bytes"] < before - 300 * 2**20
