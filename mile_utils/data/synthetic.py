@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from functools import lru_cache
@@ -37,7 +38,6 @@ MIDLINE_X = 98  # template voxel index of x = 0 mm (affine offset -98)
 BRAIN_CENTRE = (98, 117, 80)  # (x, y, z) voxel
 PLANES = ("axial", "coronal", "sagittal")
 MODALITIES = ("t1", "t2")
-QUESTION_NAMES = {"t1": "T1", "t2": "T2"}
 SLICE_RANGES = {"axial": (60, 125), "coronal": (50, 180), "sagittal": (35, 161)}
 LESION_RADIUS = {"small": (3.6, 5.0), "large": (8.0, 10.5)}  # canvas pixels (x0.5 at 64 px)
 LESION_VALUE = {"bright": (0.96, 1.0), "dark": (0.02, 0.07)}
@@ -67,34 +67,18 @@ def _volumes() -> dict[str, np.ndarray]:
     return out
 
 
-def _take(vol: np.ndarray, plane: str, index: int) -> np.ndarray:
-    """A slice as displayed: superior/anterior up, radiological left-right, sagittal anterior on the left."""
-    s = {"axial": vol[:, :, index], "coronal": vol[:, index, :], "sagittal": vol[index, :, :]}[plane]
-    return np.ascontiguousarray(s[::-1, ::-1].T)
-
-
-def _contrast_slice(plane: str, index: int, modality: str) -> np.ndarray:
-    vols = _volumes()
-    t1 = _take(vols["t1"], plane, index)
+def _slice(plane: str, index: int, modality: str) -> np.ndarray:
+    """A slice as displayed (superior/anterior up, radiological left-right, sagittal anterior on the left), in T1
+    or a T2-like contrast: fluid bright, grey matter mid, white matter dark (the inverse ordering of T1)."""
+    take = {"axial": lambda v: v[:, :, index], "coronal": lambda v: v[:, index, :], "sagittal": lambda v: v[index]}
+    t1, gm, wm = (np.ascontiguousarray(take[plane](vol)[::-1, ::-1].T) for vol in _volumes().values())
     if modality == "t1":
         return t1
-    gm, wm = _take(vols["gm"], plane, index), _take(vols["wm"], plane, index)
     brain = (t1 > 0.02).astype(np.float32)
-    csf = np.clip(brain - gm - wm, 0.0, 1.0)
-    # T2-like: fluid bright, grey matter mid, white matter dark (the inverse ordering of T1)
-    return np.clip(0.95 * csf + 0.55 * gm + 0.28 * wm, 0.0, 1.0) * brain
+    return np.clip(0.95 * np.clip(brain - gm - wm, 0.0, 1.0) + 0.55 * gm + 0.28 * wm, 0.0, 1.0) * brain
 
 
 # ---------------------------------------------------------------- images
-def _disc_alpha(shape: tuple[int, int], row: float, col: float, radius: float, stretch: float,
-                angle: float) -> np.ndarray:
-    rr, cc = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32)
-    dr, dc = rr - row, cc - col
-    ca, sa = np.cos(angle), np.sin(angle)
-    u, v = (ca * dr + sa * dc) * stretch, (-sa * dr + ca * dc) / stretch
-    return np.clip(radius + 0.5 - np.sqrt(u * u + v * v), 0.0, 1.0)  # anti-aliased edge
-
-
 def _render(index: int, seed: int) -> tuple[dict[str, Any], np.ndarray]:
     """Draw one image's ground truth (``meta.json``'s fields) and pixels from its own generator."""
     from scipy import ndimage
@@ -118,7 +102,7 @@ def _render(index: int, seed: int) -> tuple[dict[str, Any], np.ndarray]:
         step = FOV_VOXELS / CANVAS / float(rng.uniform(0.92, 1.08))
         shift = rng.uniform(-5, 5, size=2) * step
         origin = (centre_r - step * CANVAS / 2 + shift[0], centre_c - step * CANVAS / 2 + shift[1])
-        img = ndimage.affine_transform(_contrast_slice(plane, index_3d, modality), np.diag([step, step]),
+        img = ndimage.affine_transform(_slice(plane, index_3d, modality), np.diag([step, step]),
                                        offset=origin, output_shape=(CANVAS, CANVAS), order=1, cval=0.0)
         brain = img > 0.08
         if brain.mean() < 0.15:
@@ -130,8 +114,12 @@ def _render(index: int, seed: int) -> tuple[dict[str, Any], np.ndarray]:
     else:
         raise RuntimeError(f"synthetic image {index} (seed {seed}): found no slice that fits its lesions")
     img = np.clip(img * rng.uniform(0.9, 1.1), 0.0, 1.0) ** rng.uniform(0.9, 1.1)
-    for row, col, radius in lesions:
-        alpha = _disc_alpha(img.shape, row, col, radius, float(rng.uniform(0.8, 1.25)), float(rng.uniform(0, np.pi)))
+    rr, cc = np.mgrid[0:CANVAS, 0:CANVAS].astype(np.float32)
+    for row, col, radius in lesions:  # an ellipse with an anti-aliased edge
+        stretch, angle = float(rng.uniform(0.8, 1.25)), float(rng.uniform(0, np.pi))
+        dr, dc, ca, sa = rr - row, cc - col, np.cos(angle), np.sin(angle)
+        u, v = (ca * dr + sa * dc) * stretch, (-sa * dr + ca * dc) / stretch
+        alpha = np.clip(radius + 0.5 - np.sqrt(u * u + v * v), 0.0, 1.0)
         value = rng.uniform(*LESION_VALUE[intensity]) + rng.normal(0, 0.02, img.shape)  # type: ignore[misc]
         img = img * (1 - alpha) + value * alpha
     img = img + rng.normal(0, 0.015, img.shape) * (img > 0.02)  # scanner noise, inside the head only
@@ -172,101 +160,87 @@ def _place_lesions(rng: np.random.Generator, brain: np.ndarray, count: int, size
 
 
 # ---------------------------------------------------------------- questions
-# One row per question family: (group, content type, kind, fact, values, templates). Kinds:
-#   open  - the answer is the fact;         ask   - yes/no about the true value or a wrong one (p = 1/2 each);
-#   pair  - "a or b", the order shuffled;   check - yes/no, each template naming the value that makes it "yes".
+# One row per question family: group, content type, kind, fact, templates ("|" between them). Kinds: open (the
+# answer is the fact), ask (yes/no naming the true value or a wrong one, p = 1/2 each), pair ("a or b", order
+# shuffled), check (yes/no; each template names, after "=", the fact's value that makes the answer yes).
 # Groups: view families are each asked with probability P_VIEW_FAMILY, core ones always, lesion (and sided,
-# when the lesions have a side) ones with probability P_LESION_FAMILY on images with lesions, as SLAKE asks
+# when the lesions have a side) ones with probability P_LESION_FAMILY about images with lesions, as SLAKE asks
 # about findings. Whether a family is asked never depends on its answer: answers stay balanced per question.
-# Row order and the draws below are the generator's (GENERATOR_VERSION 1): changing them changes the data.
-SIDES, SIZES_, INTENSITIES = ("left", "right"), ("small", "large"), ("bright", "dark")
-FAMILIES: tuple[tuple[str, str, str, str, tuple[str, ...], tuple[Any, ...]], ...] = (
-    ("view", "Plane", "open", "plane", (), ("Which plane is this image taken in?",
-     "In which plane is this image scanned?", "What is the scanning plane of this image?")),
-    ("view", "Plane", "ask", "plane", PLANES, ("Is this {art} image?", "Is this image taken in the {v} plane?")),
-    ("view", "Plane", "pair", "plane", PLANES, ("Is this image in the {a} or {b} plane?",
-                                                "Which plane is this, {a} or {b}?")),
-    ("view", "Modality", "open", "modality", (), ("What is the MRI weighting of this image?",
-     "Which MRI sequence is used for this image?", "What kind of MRI image is this?")),
-    ("view", "Modality", "ask", "modality", MODALITIES, ("Is this a {V} weighted image?",
-                                                         "Is this image {V} weighted?")),
-    ("view", "Modality", "pair", "modality", MODALITIES, ("Is this a {A} or {B} weighted image?",
-                                                          "Is this image {A} or {B} weighted?")),
-    ("core", "Abnormality", "check", "abnormal", (), (("Is there a lesion in this image?", "abnormal"),
-     ("Does this brain look abnormal?", "abnormal"), ("Does this brain look normal?", "normal"),
-     ("Is the brain healthy?", "normal"))),
-    ("core", "Abnormality", "open", "kind", (), ("What abnormality is seen in this image?",
-     "What is the main finding in this brain?", "What disease is shown in this image?")),
-    ("core", "Quantity", "open", "count", (), ("How many lesions are in this image?",
-     "How many lesions are there?", "What is the number of lesions?")),
-    ("lesion", "Quantity", "check", "multiple", (), (("Is there more than one lesion?", "yes"),
-                                                      ("Are there multiple lesions?", "yes"))),
-    ("lesion", "Size", "open", "size", (), ("How large is the lesion?", "What is the size of the lesion?")),
-    ("lesion", "Size", "ask", "size", SIZES_, ("Is the lesion {v}?",)),
-    ("lesion", "Size", "pair", "size", SIZES_, ("Is the lesion {a} or {b}?",)),
-    ("lesion", "Color", "open", "color", (), ("What color is the lesion?", "What color does the lesion have?")),
-    ("lesion", "Color", "check", "intensity", (), (("Is the lesion hyperintense?", "bright"),
-                                                    ("Is the lesion hypointense?", "dark"))),
-    ("lesion", "Color", "pair", "intensity", INTENSITIES, ("Is the lesion {a} or {b}?",)),
-    ("sided", "Position", "open", "hemisphere", (), ("Where is the lesion located?", "Where is the abnormality?",
-                                                     "Which part of the brain is abnormal?")),
-    ("sided", "Position", "ask", "side", SIDES, ("Is the lesion on the {v} side of the brain?",
-                                                 "Is the abnormality in the {v} hemisphere?")),
-    ("sided", "Position", "pair", "side", SIDES, ("Is the lesion in the {a} or {b} hemisphere?",)),
-)
-_ARTICLE = {"axial": "an axial", "coronal": "a coronal", "sagittal": "a sagittal"}
-
-
-def _facts(s: dict[str, Any]) -> dict[str, str]:
-    return {"plane": s["plane"], "modality": s["modality"], "kind": s["kind"], "count": str(s["count"]),
-            "abnormal": "abnormal" if s["count"] else "normal", "multiple": "yes" if s["count"] > 1 else "no",
-            "size": s["size"] or "", "intensity": s["intensity"] or "", "color": COLOR[s["intensity"] or "bright"],
-            "side": s["side"] or "", "hemisphere": f"{s['side']} hemisphere"}
+# Row order and the draws in _questions are the generator's (GENERATOR_VERSION 1): changing them changes the data.
+FAMILIES = [row.split(maxsplit=4) for row in re.sub(r"\|\n\s*", "|", """
+view Plane open plane Which plane is this image taken in?|In which plane is this image scanned?|
+    What is the scanning plane of this image?
+view Plane ask plane Is this {art} image?|Is this image taken in the {v} plane?
+view Plane pair plane Is this image in the {a} or {b} plane?|Which plane is this, {a} or {b}?
+view Modality open modality What is the MRI weighting of this image?|Which MRI sequence is used for this image?|
+    What kind of MRI image is this?
+view Modality ask modality Is this a {V} weighted image?|Is this image {V} weighted?
+view Modality pair modality Is this a {A} or {B} weighted image?|Is this image {A} or {B} weighted?
+core Abnormality check abnormal Is there a lesion in this image?=abnormal|Does this brain look abnormal?=abnormal|
+    Does this brain look normal?=normal|Is the brain healthy?=normal
+core Abnormality open kind What abnormality is seen in this image?|What is the main finding in this brain?|
+    What disease is shown in this image?
+core Quantity open count How many lesions are in this image?|How many lesions are there?|What is the number of lesions?
+lesion Quantity check multiple Is there more than one lesion?=yes|Are there multiple lesions?=yes
+lesion Size open size How large is the lesion?|What is the size of the lesion?
+lesion Size ask size Is the lesion {v}?
+lesion Size pair size Is the lesion {a} or {b}?
+lesion Color open color What color is the lesion?|What color does the lesion have?
+lesion Color check intensity Is the lesion hyperintense?=bright|Is the lesion hypointense?=dark
+lesion Color pair intensity Is the lesion {a} or {b}?
+sided Position open hemisphere Where is the lesion located?|Where is the abnormality?|
+    Which part of the brain is abnormal?
+sided Position ask side Is the lesion on the {v} side of the brain?|Is the abnormality in the {v} hemisphere?
+sided Position pair side Is the lesion in the {a} or {b} hemisphere?
+""").strip().splitlines()]
+VALUES = {"plane": PLANES, "modality": MODALITIES, "size": ("small", "large"), "intensity": ("bright", "dark"),
+          "side": ("left", "right")}
+SAY = {"t1": "T1", "t2": "T2", "axial": "an axial", "coronal": "a coronal", "sagittal": "a sagittal"}
 
 
 def _questions(scan: dict[str, Any], seed: int) -> list[tuple[str, str, str, str]]:
     """(question, answer, answer_type, content_type) of one image, drawn from its own generator."""
     rng = np.random.default_rng([seed, scan["index"], GENERATOR_VERSION, 1])
 
-    def pick(options: tuple[Any, ...] | list[str]) -> Any:  # a single option costs no draw
+    def pick(options: list[str]) -> str:  # a single option costs no draw
         return options[int(rng.integers(len(options)))] if len(options) > 1 else options[0]
 
-    def other(values: tuple[str, ...], value: str) -> str:
-        return pick([v for v in values if v != value])
-
+    count, side, intensity = scan["count"], scan["side"], scan["intensity"]
+    facts = {"plane": scan["plane"], "modality": scan["modality"], "kind": scan["kind"], "count": str(count),
+             "abnormal": "abnormal" if count else "normal", "multiple": "yes" if count > 1 else "no",
+             "size": scan["size"] or "", "intensity": intensity or "", "color": COLOR[intensity or "bright"],
+             "side": side or "", "hemisphere": f"{side} hemisphere"}
     chosen = [f for f in FAMILIES if f[0] == "core" or (f[0] == "view" and rng.random() < P_VIEW_FAMILY)
-              or (f[0] in ("lesion", "sided") and scan["count"] and (f[0] == "lesion" or scan["side"])
+              or (f[0] in ("lesion", "sided") and count and (f[0] == "lesion" or side)
                   and rng.random() < P_LESION_FAMILY)]
-    facts, out = _facts(scan), []
-    for _, content_type, kind, fact, values, templates in chosen:
-        truth, answer, fill = facts[fact], facts[fact], {}
+    out = []
+    for _, content_type, kind, fact, templates in chosen:
+        truth = answer = facts[fact]
+        others = [v for v in VALUES.get(fact, ()) if v != truth]
+        a = b = truth
         if kind == "ask":
-            value, answer = (truth, "yes") if rng.random() < 0.5 else (other(values, truth), "no")
-            fill = {"v": value, "V": QUESTION_NAMES.get(value, value), "art": _ARTICLE.get(value, "")}
+            a, answer = (truth, "yes") if rng.random() < 0.5 else (pick(others), "no")
         elif kind == "pair":
-            a, b = truth, other(values, truth)
+            b = pick(others)
             if rng.random() < 0.5:
                 a, b = b, a
-            fill = {"a": a, "b": b, "A": QUESTION_NAMES.get(a, a), "B": QUESTION_NAMES.get(b, b)}
-        question = pick(templates)
+        question = pick(templates.split("|"))
         if kind == "check":
-            question, answer = question[0], "yes" if truth == question[1] else "no"
-        out.append((question.format(**fill), answer, "OPEN" if kind == "open" else "CLOSED", content_type))
+            question, value = question.split("=")
+            answer = "yes" if truth == value else "no"
+        question = question.format(v=a, art=SAY.get(a), V=SAY.get(a, a), a=a, b=b, A=SAY.get(a, a), B=SAY.get(b, b))
+        out.append((question, answer, "OPEN" if kind == "open" else "CLOSED", content_type))
     return out
 
 
 # ---------------------------------------------------------------- the set on disk
 def parse_size(size: int | str | None) -> int:
     """``None``/``"full"`` -> 700 images, ``"small"`` -> 160, or a number of images (at least 6)."""
-    if size is None or (isinstance(size, str) and size.strip().lower() in SIZES):
-        return SIZES[(size or "full").strip().lower()]  # type: ignore[union-attr]
-    try:
-        n = int(size)
-    except (TypeError, ValueError):
+    key = "full" if size is None else str(size).strip().lower()
+    n = SIZES[key] if key in SIZES else int(key) if key.isdigit() else None
+    if n is None or n < MIN_IMAGES:
         raise ValueError(f"synthetic size {size!r} (--size / size=): expected 'full', 'small' or a number of "
-                         "images") from None
-    if n < MIN_IMAGES:
-        raise ValueError(f"synthetic size {n} (--size / size=): need at least {MIN_IMAGES} images (one per split)")
+                         f"images, at least {MIN_IMAGES} (one per split)")
     return n
 
 
