@@ -1,9 +1,6 @@
-"""Build MISS (BLIP's VQA architecture, from ``transformers``) and its tokenizer for a profile.
-
-MISS is ``BlipForQuestionAnswering``: ``vision_model`` is the ViT, ``text_encoder`` the joint text-multimodal
-encoder (JTM), ``text_decoder`` the answer decoder. :func:`build_model` adds what transformers lacks: the
-cross-attention mask fix and the ViT's stochastic depth. Checkpoints are read by :mod:`mile_utils.checkpoints`.
-"""
+"""Build MISS (transformers' ``BlipForQuestionAnswering``: ``vision_model`` = ViT, ``text_encoder`` = JTM,
+``text_decoder`` = answer decoder) and its tokenizer for a profile, with what transformers lacks: the
+cross-attention mask fix and the ViT's stochastic depth. Checkpoints are read by :mod:`mile_utils.checkpoints`."""
 
 from __future__ import annotations
 
@@ -15,13 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import (
-    BertTokenizerFast,
-    BlipConfig,
-    BlipForQuestionAnswering,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-)
+from transformers import BertTokenizerFast, BlipConfig, BlipForQuestionAnswering
+from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from .profiles import Profile, get_profile
 
@@ -33,46 +25,32 @@ BLIP_SPECIAL_IDS = {"[PAD]": 0, "[CLS]": 101, "[SEP]": 102, DEC_TOKEN: 30522, EN
 HUB_TIMEOUT_S = 10  # one look at the hub; its client would otherwise retry for minutes when offline
 
 
-def _tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """The tiny profile's BERT-uncased WordPiece tokenizer, built offline and the same on every machine.
-
-    Every printable ASCII character is a word start and a ``##`` continuation, so no English text maps to [UNK];
-    whole medical-VQA words follow so that most questions are a few tokens long; [DEC] and [ENC] come last.
-    """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+def _tiny_tokenizer() -> Tokenizer:
+    """The tiny profile's BERT-uncased WordPiece tokenizer, built offline, the same on every machine: every
+    printable ASCII character is a word start and a ``##`` continuation (no English text maps to [UNK]), whole
+    medical-VQA words follow (most questions are a few tokens long), then [DEC] and [ENC]."""
+    from tokenizers import Tokenizer as WordPiece
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
 
     text = resources.files("mile_utils.reference").joinpath("tiny_vocab_words.txt").read_text(encoding="utf-8")
     chars = [chr(c) for c in range(33, 127) if not chr(c).isupper()]
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars if c.isalnum())]
     words += [w.strip().lower() for w in text.splitlines() if w.strip() and not w.startswith("#")]
     vocab = {w: i for i, w in enumerate(dict.fromkeys([*words, DEC_TOKEN, ENC_TOKEN]))}
-    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok = WordPiece(models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.BertPreTokenizer(), decoders.WordPiece(prefix="##")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                       special_tokens=[(t, vocab[t]) for t in ("[CLS]", "[SEP]")])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
         mask_token="[MASK]", bos_token=DEC_TOKEN, additional_special_tokens=[ENC_TOKEN], model_max_length=512)
 
 
-def add_blip_special_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """Add [DEC] (as bos) and [ENC] where missing, in BLIP's order, so ids land at 30522 and 30523."""
-    if tokenizer.convert_tokens_to_ids(DEC_TOKEN) in (None, tokenizer.unk_token_id):
-        tokenizer.add_special_tokens({"bos_token": DEC_TOKEN})
-    tokenizer.bos_token = DEC_TOKEN
-    if tokenizer.convert_tokens_to_ids(ENC_TOKEN) in (None, tokenizer.unk_token_id):
-        tokenizer.add_special_tokens({"additional_special_tokens": [ENC_TOKEN]})
-    return tokenizer
-
-
-def check_blip_tokenizer(tokenizer: PreTrainedTokenizerBase, source: str) -> PreTrainedTokenizerBase:
-    """Raise unless ``tokenizer`` is BERT-base-uncased + [DEC] + [ENC] (30,524 tokens, BLIP's special ids).
-
-    transformers builds an empty-vocabulary tokenizer when no vocabulary file is found: this catches it.
-    """
+def check_blip_tokenizer(tokenizer: Tokenizer, source: str) -> Tokenizer:
+    """Raise unless ``tokenizer`` is BERT-base-uncased + [DEC] + [ENC] (30,524 tokens, BLIP's special ids); catches
+    the empty-vocabulary tokenizer transformers builds when it finds no vocabulary file."""
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in BLIP_SPECIAL_IDS}
     if len(tokenizer) != 30524 or ids != BLIP_SPECIAL_IDS:
         raise OSError(
@@ -83,11 +61,9 @@ def check_blip_tokenizer(tokenizer: PreTrainedTokenizerBase, source: str) -> Pre
 
 
 def load_local_first(load: Callable[..., Any], source: str, what: str, error: type[Exception] = OSError) -> Any:
-    """``load(source, local_files_only=...)``: a local folder, else the hub cache, else the hub if reachable.
-
-    The hub is asked once with a short timeout (and never under ``HF_HUB_OFFLINE``), so an offline machine
-    fails in seconds with a message listing what was tried, instead of retrying for minutes.
-    """
+    """``load(source, local_files_only=...)`` from a local folder, else the hub cache, else the hub if reachable:
+    asked once with a short timeout, never under ``HF_HUB_OFFLINE``, so offline it fails in seconds, saying what
+    was tried, instead of retrying for minutes."""
     import huggingface_hub
 
     path = Path(source).expanduser()
@@ -96,41 +72,41 @@ def load_local_first(load: Callable[..., Any], source: str, what: str, error: ty
             raise error(f"{what}: no such folder {path}")
         return load(str(path), local_files_only=True)
     tried = []
-    try:
-        return load(source, local_files_only=True)
-    except (OSError, ValueError) as err:  # not in the Hugging Face cache
-        tried.append(f"the Hugging Face cache: {type(err).__name__}: {str(err).splitlines()[0]}")
-    try:
-        if huggingface_hub.is_offline_mode():
-            raise ConnectionError("HF_HUB_OFFLINE is set")
-        huggingface_hub.model_info(source, timeout=HUB_TIMEOUT_S)
-    except Exception as err:  # the hub client raises its own HTTP/connection errors, not all OSError
-        tried.append(f"the hub: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-        raise error(
-            f"{what}: could not load {source!r}; tried " + "; ".join(tried) + f". Download it where there "
-            f"is network (`hf download {source} --local-dir <folder>`), copy the folder here and pass its path"
-        ) from err
+    for where in ("the Hugging Face cache", "the hub"):
+        try:
+            if where == "the Hugging Face cache":
+                return load(source, local_files_only=True)
+            if huggingface_hub.is_offline_mode():
+                raise ConnectionError("HF_HUB_OFFLINE is set")
+            huggingface_hub.model_info(source, timeout=HUB_TIMEOUT_S)
+        except Exception as err:  # the hub client raises its own HTTP/connection errors, not all OSError
+            tried.append(f"{where}: {type(err).__name__}: {err}".splitlines()[0])
+    if len(tried) == 2:
+        raise error(f"{what}: could not load {source!r}; tried " + "; ".join(tried) + ". Download it where there "
+                    f"is network (`hf download {source} --local-dir <folder>`), copy the folder here, pass its path")
     return load(source)
 
 
-def build_tokenizer(profile: str | Profile = "tiny", path: str | Path | None = None) -> PreTrainedTokenizerBase:
-    """The tokenizer for ``profile``: ``tiny``'s built-in one, or BERT-base-uncased + [DEC]/[ENC] for ``paper``.
-
-    ``path``: a local folder (a bert-base-uncased or BLIP VQA snapshot) or a hub id (default
-    ``bert-base-uncased``), tried local files first. The result is checked (:func:`check_blip_tokenizer`).
-    """
+def build_tokenizer(profile: str | Profile = "tiny", path: str | Path | None = None) -> Tokenizer:
+    """The tokenizer for ``profile``: ``tiny``'s built-in one, or for ``paper`` BERT-base-uncased + [DEC]/[ENC]
+    from ``path``, a local folder (bert-base-uncased or BLIP VQA snapshot) or hub id (default bert-base-uncased),
+    local files first; checked by :func:`check_blip_tokenizer`."""
     prof = get_profile(profile)
     if path is None and prof.vocab_size is None:
         return _tiny_tokenizer()
-    source = str(path or "bert-base-uncased")
 
-    def load(src: str, **kwargs: Any) -> PreTrainedTokenizerBase:
-        return check_blip_tokenizer(add_blip_special_tokens(BertTokenizerFast.from_pretrained(src, **kwargs)), src)
+    def load(src: str, **kwargs: Any) -> Tokenizer:
+        tokenizer = BertTokenizerFast.from_pretrained(src, **kwargs)
+        for token, key in ((DEC_TOKEN, "bos_token"), (ENC_TOKEN, "additional_special_tokens")):  # BLIP's order
+            if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id):
+                tokenizer.add_special_tokens({key: token if key == "bos_token" else [token]})
+        tokenizer.bos_token = DEC_TOKEN
+        return check_blip_tokenizer(tokenizer, src)
 
-    return load_local_first(load, source, f"tokenizer of profile {prof.name!r}")
+    return load_local_first(load, str(path or "bert-base-uncased"), f"tokenizer of profile {prof.name!r}")
 
 
-def blip_config(profile: str | Profile = "tiny", tokenizer: PreTrainedTokenizerBase | None = None) -> BlipConfig:
+def blip_config(profile: str | Profile = "tiny", tokenizer: Tokenizer | None = None) -> BlipConfig:
     """A ``BlipConfig`` of the profile's size whose special-token ids match ``tokenizer``."""
     prof = get_profile(profile)
     if prof.vocab_size is not None:  # paper: BLIP's ids, so the model needs no tokenizer download
@@ -141,32 +117,26 @@ def blip_config(profile: str | Profile = "tiny", tokenizer: PreTrainedTokenizerB
         tokenizer = tokenizer if tokenizer is not None else build_tokenizer(prof)
         pad, bos, sep = tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids(DEC_TOKEN), tokenizer.sep_token_id
         vocab_size = len(tokenizer)
-    text = dict(
-        vocab_size=vocab_size, hidden_size=prof.text_hidden, encoder_hidden_size=prof.vit_hidden,
-        intermediate_size=prof.text_mlp, num_hidden_layers=prof.text_layers, num_attention_heads=prof.text_heads,
-        max_position_embeddings=prof.max_positions, hidden_dropout_prob=prof.text_dropout,
-        attention_probs_dropout_prob=prof.text_dropout, pad_token_id=pad, bos_token_id=bos, sep_token_id=sep,
-        eos_token_id=sep)
-    vision = dict(
-        hidden_size=prof.vit_hidden, intermediate_size=prof.vit_mlp, num_hidden_layers=prof.vit_layers,
-        num_attention_heads=prof.vit_heads, image_size=prof.image_size, patch_size=prof.patch_size,
-        # BLIP's ViT (timm) uses LayerNorm eps 1e-6 and trunc-normal init with std 0.02; transformers' BLIP
-        # defaults (1e-5, std 1e-10) would leave a randomly initialised ViT with near-zero weights that barely learn
-        layer_norm_eps=1e-6, initializer_range=0.02)
+    text = dict(vocab_size=vocab_size, hidden_size=prof.text_hidden, encoder_hidden_size=prof.vit_hidden,
+                intermediate_size=prof.text_mlp, num_hidden_layers=prof.text_layers,
+                num_attention_heads=prof.text_heads, max_position_embeddings=prof.max_positions,
+                hidden_dropout_prob=prof.text_dropout, attention_probs_dropout_prob=prof.text_dropout,
+                pad_token_id=pad, bos_token_id=bos, sep_token_id=sep, eos_token_id=sep)
+    # BLIP's ViT (timm) uses LayerNorm eps 1e-6 and trunc-normal init with std 0.02; transformers' BLIP defaults
+    # (1e-5, std 1e-10) would leave a randomly initialised ViT with near-zero weights that barely learn
+    vision = dict(hidden_size=prof.vit_hidden, intermediate_size=prof.vit_mlp, num_hidden_layers=prof.vit_layers,
+                  num_attention_heads=prof.vit_heads, image_size=prof.image_size, patch_size=prof.patch_size,
+                  layer_norm_eps=1e-6, initializer_range=0.02)
     config = BlipConfig(text_config=text, vision_config=vision)
     config.vision_config.drop_path_rate = prof.vit_drop_path  # read by build_model (transformers has no drop-path)
-    # BLIP's text stacks compute attention explicitly; eager keeps masks additive and identical across versions.
-    config._attn_implementation = "eager"
+    config._attn_implementation = "eager"  # BLIP computes attention explicitly: masks stay additive, as there
     return config
 
 
-def _cross_attention_forward(self: torch.nn.Module, hidden_states: torch.Tensor,
-                             attention_mask: torch.Tensor | None = None,
-                             encoder_hidden_states: torch.Tensor | None = None, cache: Any = None,
-                             **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if cache is None:
-        cache = kwargs.pop("past_key_values", None)
+def _cross_attention_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_mask: Any = None,
+                             encoder_hidden_states: Any = None, cache: Any = None, **kwargs: Any) -> tuple:
     # the layer hands the encoder mask over as ``attention_mask``; pass it where the attention reads it
+    cache = cache if cache is not None else kwargs.get("past_key_values")
     context, probs = self.self(hidden_states, encoder_hidden_states=encoder_hidden_states,
                                encoder_attention_mask=attention_mask, cache=cache)
     return self.output(context, hidden_states), probs
@@ -179,14 +149,11 @@ def fix_cross_attention_masks(model: torch.nn.Module) -> int:
     ``attention_mask``, which a cross-attention ignores: the decoder would attend to the question's padding, so
     results would depend on batching, unlike BLIP/MISS (``med.py``). Idempotent; :func:`build_model` applies it.
     """
-    patched = 0
-    for module in model.modules():
-        cross = getattr(module, "crossattention", None)
-        if cross is not None and not getattr(cross, "_mile_cross_mask_fixed", False):
-            cross.forward = types.MethodType(_cross_attention_forward, cross)
-            cross._mile_cross_mask_fixed = True
-            patched += 1
-    return patched
+    todo = [m.crossattention for m in model.modules()
+            if hasattr(m, "crossattention") and not getattr(m.crossattention, "_mile_cross_mask_fixed", False)]
+    for cross in todo:
+        cross.forward, cross._mile_cross_mask_fixed = types.MethodType(_cross_attention_forward, cross), True
+    return len(todo)
 
 
 def _drop_path(rate: float, module: torch.nn.Module, args: Any, output: Any) -> Any:
@@ -198,36 +165,22 @@ def _drop_path(rate: float, module: torch.nn.Module, args: Any, output: Any) -> 
     return (x * keep, *output[1:]) if isinstance(output, tuple) else x * keep
 
 
-def add_drop_path(vit: torch.nn.Module, rate: float) -> None:
-    """Stochastic depth on each ViT block's attention and MLP branches, rising linearly from 0 at the first
-    block to ``rate`` at the last (BLIP's ``VisionTransformer``); nothing is added at rate 0."""
-    layers = vit.encoder.layers
-    for i, layer in enumerate(layers):
-        block_rate = rate * i / max(len(layers) - 1, 1)
-        if block_rate > 0:
-            for branch in (layer.self_attn, layer.mlp):
-                branch.register_forward_hook(functools.partial(_drop_path, block_rate))
-
-
-def build_model(
-    profile: str | Profile = "tiny",
-    tokenizer: PreTrainedTokenizerBase | None = None,
-    *,
-    device: str | torch.device = "cpu",
-    seed: int | None = 0,
-) -> BlipForQuestionAnswering:
-    """A randomly initialised MISS/BLIP VQA model of the profile's size, mask fix and drop-path applied.
-
-    ``device="meta"`` allocates no weights (seconds for the paper profile): enough for parameter accounting.
-    Load weights with :func:`mile_utils.checkpoints.load_weights`.
-    """
+def build_model(profile: str | Profile = "tiny", tokenizer: Tokenizer | None = None, *,
+                device: str | torch.device = "cpu", seed: int | None = 0) -> BlipForQuestionAnswering:
+    """A randomly initialised MISS/BLIP VQA model of the profile's size, with the cross-attention mask fix and the
+    ViT's drop-path. ``device="meta"`` allocates no weights: enough for parameter accounting. Load weights with
+    :func:`mile_utils.checkpoints.load_weights`."""
     config = blip_config(profile, tokenizer)
     if seed is not None and str(device) != "meta":
         torch.manual_seed(seed)
     with torch.device(device):
         model = BlipForQuestionAnswering(config)
     fix_cross_attention_masks(model)
-    add_drop_path(model.vision_model, config.vision_config.drop_path_rate)
+    layers, rate = model.vision_model.encoder.layers, config.vision_config.drop_path_rate
+    for i, layer in enumerate(layers):  # BLIP's ViT: rates rising linearly from 0 (first block) to rate (last)
+        if rate * i > 0:  # hooks only where they act: tiny (rate 0) runs exactly as without
+            for branch in (layer.self_attn, layer.mlp):  # the two residual branches of the block
+                branch.register_forward_hook(functools.partial(_drop_path, rate * i / max(len(layers) - 1, 1)))
     return model
 
 

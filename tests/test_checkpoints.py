@@ -20,7 +20,6 @@ from mile_utils.checkpoints import (
     interpolate_pos_embed,
     load_pickle,
     load_weights,
-    read_state_dict,
 )
 from mile_utils.model import blip_config, build_model, build_tokenizer
 
@@ -182,13 +181,14 @@ def test_code_in_a_checkpoint_is_never_run(tmp_path):
     marker = tmp_path / "code-ran"
     path = tmp_path / "evil.pth"
     torch.save({"model": {"w": torch.ones(2)}, "payload": _RunsCode(marker), "os": __import__("os").system}, path)
-    assert torch.equal(read_state_dict(path)["w"], torch.ones(2))  # only the tensors are taken
+    loaded = load_pickle(path)
+    assert torch.equal(loaded["model"]["w"], torch.ones(2)) and loaded["os"].__name__.startswith("Inert[")
     assert not marker.exists()
     for protocol in (2, pickle.HIGHEST_PROTOCOL):  # plain pickles (not torch.save): torch's weights_only reader
         with open(tmp_path / "plain.pkl", "wb") as f:
             pickle.dump(_RunsCode(marker), f, protocol=protocol)
-        with pytest.raises(CheckpointError, match=r"plain\.pkl: not a readable PyTorch checkpoint"):
-            read_state_dict(tmp_path / "plain.pkl")
+        with pytest.raises(pickle.UnpicklingError):
+            load_pickle(tmp_path / "plain.pkl")
         assert not marker.exists()
 
 
@@ -242,31 +242,36 @@ def test_missing_files_and_unknown_types(tok, tmp_path):
     with pytest.raises(CheckpointError, match="unknown checkpoint type '.npz'"):
         load_weights(_fresh(tok), tmp_path / "weights.npz")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="neither config.json nor model.safetensors"):
+    with pytest.raises(CheckpointError, match="empty: not a loadable Hugging Face BLIP VQA folder"):
         load_weights(_fresh(tok), tmp_path / "empty")
 
 
-def test_corrupt_files_fail_clearly(tmp_path):
+def test_corrupt_files_fail_clearly(tok, tmp_path):
+    model = _fresh(tok)
     for seed in range(8):  # random bytes break the unpickler in many different ways
         junk = random.Random(seed).randbytes(4096)
         (tmp_path / "junk.pth").write_bytes(junk)
         with pytest.raises(CheckpointError, match=r"junk\.pth: not a readable PyTorch checkpoint \(corrupt"):
-            read_state_dict(tmp_path / "junk.pth")
+            load_weights(model, tmp_path / "junk.pth")
+    zipped = tmp_path / "cut.pth"  # a zip archive cut short
+    torch.save({"w": torch.zeros(1000)}, zipped)
+    zipped.write_bytes(zipped.read_bytes()[:-300])
     (tmp_path / "empty.pth").write_bytes(b"")
-    with pytest.raises(CheckpointError, match=r"empty\.pth: not a readable PyTorch checkpoint"):
-        read_state_dict(tmp_path / "empty.pth")
+    for bad in (zipped, tmp_path / "empty.pth"):
+        with pytest.raises(CheckpointError, match=rf"{bad.name}: not a readable PyTorch checkpoint"):
+            load_weights(model, bad)
     (tmp_path / "junk.safetensors").write_bytes(junk)
     with pytest.raises(CheckpointError, match=r"junk\.safetensors: not a readable safetensors file"):
-        read_state_dict(tmp_path / "junk.safetensors")
+        load_weights(model, tmp_path / "junk.safetensors")
 
 
-def test_files_that_are_not_state_dicts(tmp_path):
+def test_files_that_are_not_state_dicts(tok, tmp_path):
     torch.save([torch.zeros(1)], tmp_path / "list.pth")
     with pytest.raises(CheckpointError, match=r"list\.pth: expected a state dict.*got list"):
-        read_state_dict(tmp_path / "list.pth")
+        load_weights(_fresh(tok), tmp_path / "list.pth")
     torch.save({"w": torch.zeros(1), "epoch": 3}, tmp_path / "mixed.pth")
     with pytest.raises(CheckpointError, match=r"mixed\.pth: not a state dict.*'epoch': int"):
-        read_state_dict(tmp_path / "mixed.pth")
+        load_weights(_fresh(tok), tmp_path / "mixed.pth")
 
 
 @pytest.fixture()
@@ -300,13 +305,11 @@ def test_missing_key_is_named(tok, blip_tiny, tmp_path):
            "text_encoder.encoder.layer.1.crossattention.self.key.bias")
 
 
-def test_unexpected_key_is_named_and_strict_false_reports_it(tok, blip_tiny, tmp_path):
+def test_unexpected_key_is_named(tok, blip_tiny, tmp_path):
     blip_tiny["visual_encoder.blocks.0.attn.rel_pos"] = torch.zeros(3)
     blip_tiny["text_encoder.pooler.dense.weight"] = torch.zeros(128, 128)
     _fails(_fresh(tok), blip_tiny, tmp_path, "unexpected keys, in the checkpoint but not in the model (2)",
            "visual_encoder.blocks.0.attn.rel_pos", "text_encoder.pooler.dense.weight")
-    report = load_weights(_fresh(tok), blip_tiny, strict=False)
-    assert sorted(report.unexpected) == ["text_encoder.pooler.dense.weight", "visual_encoder.blocks.0.attn.rel_pos"]
 
 
 def test_long_key_lists_are_truncated(tok, blip_tiny, tmp_path):
@@ -330,17 +333,11 @@ def test_tied_tensors_that_disagree_are_refused(tok, blip_tiny):
         load_weights(_fresh(tok), blip_tiny)
 
 
-def test_smaller_vocabulary_needs_resize_vocab(tok, tiny, blip_tiny):
+def test_another_vocabulary_is_refused_saying_why(tok, tiny, blip_tiny):
     n = tiny.config.text_config.vocab_size
     for key in VOCAB_KEYS:
         blip_tiny[key] = blip_tiny[key][: n - 2].clone()  # bert-base-uncased without [DEC], [ENC]
     for alias, kept in TIED.items():
         blip_tiny[alias] = blip_tiny[kept]
-    with pytest.raises(CheckpointError, match=f"vocabulary of {n - 2} rows but the model has {n}.*resize_vocab"):
+    with pytest.raises(CheckpointError, match=rf"vocabulary rows .*{n - 2}.* do not fit the model's {n}"):
         load_weights(_fresh(tok), blip_tiny)
-    model = _fresh(tok)
-    report = load_weights(model, blip_tiny, resize_vocab=True)
-    assert report.resized_vocab == (n - 2, n)
-    emb = model.text_encoder.embeddings.word_embeddings.weight
-    assert torch.allclose(emb[-1], emb[:-2].mean(0))
-    assert torch.equal(emb[:-2], tiny.text_encoder.embeddings.word_embeddings.weight[:-2])
