@@ -5,6 +5,7 @@ Original BLIP/MISS names are converted to transformers' and ViT positions interp
 from __future__ import annotations
 
 import _compat_pickle
+import functools
 import math
 import os
 import pickle
@@ -17,15 +18,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from transformers import BlipForQuestionAnswering
 
 from .model import load_local_first
 
-PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-LIST_LIMIT = 20  # keys shown per category in an error; the rest are counted
 POS_KEY = "vision_model.embeddings.position_embedding"
-# Tensors whose first dimension is the vocabulary (the decoder's output layer is tied to its word embeddings).
-VOCAB_KEYS = ("text_encoder.embeddings.word_embeddings.weight", "text_decoder.bert.embeddings.word_embeddings.weight",
-              "text_decoder.cls.predictions.decoder.weight", "text_decoder.cls.predictions.bias")
 # Original ViT (timm, as vendored by BLIP) -> transformers' BlipVisionModel; BLIP's BERT (med.py) and transformers'
 # BlipText* share names. Keys matching nothing keep their name, so loading reports them as unexpected.
 _LAYER = r"vision_model.encoder.layers.\1."
@@ -38,8 +35,7 @@ _RENAMES = [(re.compile("^visual_encoder." + p), r) for p, r in (
     (r"norm\.", "vision_model.post_layernorm."))]
 _DROPS = [(re.compile(p), reason) for p, reason in (  # original keys dropped on purpose, with the reason reported
     (r"^(text_encoder|text_decoder\.bert)\.embeddings\.position_ids$", "buffer arange(512), rebuilt by transformers"),
-    (r"^(visual_encoder|text_encoder|text_decoder|vision_proj|text_proj)_m\.",
-     "BLIP pretraining momentum encoder (ITC distillation), not part of the VQA model"),
+    (r"^(visual_encoder|text_encoder|text_decoder|vision_proj|text_proj)_m\.", "BLIP pretraining momentum encoder"),
     (r"^(vision_proj|text_proj|itm_head)\.", "BLIP pretraining ITC/ITM head, not part of the VQA model"),
     (r"^(temp|image_queue|text_queue|idx_queue|ptr_queue)$", "BLIP pretraining contrastive state"))]
 # Config fields that must agree between a Hugging Face checkpoint and the model (same shapes can mean other maths),
@@ -69,13 +65,8 @@ class LoadReport:
 
 def convert_blip_state_dict(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
     """An original BLIP/MISS state dict under ``BlipForQuestionAnswering`` names, and the keys dropped (-> why)."""
-    out, dropped = {}, {}
-    for name, tensor in sd.items():
-        reason = next((r for p, r in _DROPS if p.match(name)), None)
-        if reason:
-            dropped[name] = reason
-        else:
-            out[next((p.sub(r, name) for p, r in _RENAMES if p.match(name)), name)] = tensor
+    dropped = {k: reason for k in sd for p, reason in _DROPS if p.match(k)}
+    out = {next((p.sub(r, k) for p, r in _RENAMES if p.match(k)), k): v for k, v in sd.items() if k not in dropped}
     return out, dropped
 
 
@@ -94,20 +85,6 @@ def interpolate_pos_embed(pos_embed: Tensor, num_patches: int) -> Tensor:
     return torch.cat((pos_embed[:, :1], grid.permute(0, 2, 3, 1).flatten(1, 2).to(pos_embed.dtype)), dim=1)
 
 
-def _adapt_sizes(sd: dict[str, Tensor], report: LoadReport, model: torch.nn.Module) -> None:
-    """Interpolate ViT positions to the model's image size and check the vocabulary rows, in place."""
-    vision, want = model.config.vision_config, model.config.text_config.vocab_size
-    patches = (vision.image_size // vision.patch_size) ** 2
-    if POS_KEY in sd and sd[POS_KEY].shape[-2] - 1 != patches:
-        report.interpolated = (sd[POS_KEY].shape[-2] - 1, patches)
-        sd[POS_KEY] = interpolate_pos_embed(sd[POS_KEY], patches)
-    sizes = {k: sd[k].shape[0] for k in VOCAB_KEYS if k in sd}
-    if any(n != want for n in sizes.values()):  # shapes would say so too; this says why
-        raise CheckpointError(f"{report.source}: vocabulary rows {sizes} do not fit the model's {want} (BLIP/MISS: "
-                              "bert-base-uncased's 30,522 + [DEC] + [ENC]); build the model with the tokenizer the "
-                              "checkpoint was trained with")
-
-
 class _Inert:
     """Stands for a class or function named in a pickle: takes whatever it is given and does nothing."""
 
@@ -118,8 +95,7 @@ class _Inert:
 
 
 class _Unpickler(pickle.Unpickler):
-    """Looks up only torch's own ``weights_only`` allowlist (tensor rebuilding, containers, dtypes); any other
-    global becomes an :class:`_Inert` class, so nothing named in the file can run."""
+    """Finds only torch's ``weights_only`` allowlist (tensor rebuilding, containers, dtypes); others become inert."""
 
     def find_class(self, module: str, name: str) -> Any:
         from torch._weights_only_unpickler import _get_allowed_globals
@@ -140,9 +116,7 @@ def load_pickle(path: str | os.PathLike[str]) -> Any:
         pkl = next(n for n in archive.namelist() if n.endswith("data.pkl"))
 
         def storage(pid: tuple) -> torch.TypedStorage:
-            kind, storage_type, key, _location, _numel = pid
-            if kind != "storage" or not isinstance(getattr(storage_type, "dtype", None), torch.dtype):
-                raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+            _kind, storage_type, key, _location, _numel = pid  # storage_type: allowlisted, else inert (no dtype)
             if key not in storages:  # one storage per key: tensors saved tied stay tied
                 data = bytearray(archive.read(f"{pkl[:-len('data.pkl')]}data/{key}"))
                 raw = torch.UntypedStorage.from_buffer(data, dtype=torch.uint8) if data else torch.UntypedStorage()
@@ -166,25 +140,12 @@ def _state_dict_in(obj: Any, where: str) -> dict[str, Tensor]:
     if bad:
         raise CheckpointError(f"{where}: not a state dict, entries that are not name -> tensor: {', '.join(bad[:5])}"
                               + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
-    ddp = all(k.startswith("module.") for k in obj)  # saved from a DistributedDataParallel wrapper
-    return {k[len("module."):] if ddp else k: v for k, v in obj.items()}
+    return dict(obj)
 
 
-def _read(path: Path) -> dict[str, Tensor]:
-    try:
-        from safetensors.torch import load_file
-
-        obj = load_file(path) if path.suffix == ".safetensors" else load_pickle(path)
-    except Exception as err:  # corrupt bytes surface as almost any error inside a reader
-        kind = "safetensors file" if path.suffix == ".safetensors" else "PyTorch checkpoint"
-        raise CheckpointError(f"{path}: not a readable {kind} (corrupt, truncated or another format): "
-                              + f"{type(err).__name__}: {err}".splitlines()[0]) from err
-    return _state_dict_in(obj, str(path))
-
-
-def _list(title: str, keys: list[str]) -> str:
-    more = f"\n    ... and {len(keys) - LIST_LIMIT} more" if len(keys) > LIST_LIMIT else ""
-    return f"  {title} ({len(keys)}):\n" + "\n".join(f"    {k}" for k in keys[:LIST_LIMIT]) + more
+def _list(title: str, keys: list[str]) -> str:  # the first 20 keys, the rest counted
+    more = f"\n    ... and {len(keys) - 20} more" if len(keys) > 20 else ""
+    return f"  {title} ({len(keys)}):\n" + "\n".join(f"    {k}" for k in keys[:20]) + more
 
 
 def _load_into(model: torch.nn.Module, sd: dict[str, Tensor], report: LoadReport) -> LoadReport:
@@ -214,11 +175,7 @@ def _load_into(model: torch.nn.Module, sd: dict[str, Tensor], report: LoadReport
 
 def _from_pretrained(model: torch.nn.Module, source: str, report: LoadReport) -> dict[str, Tensor]:
     """The state dict of a Hugging Face BLIP VQA folder or hub id, its config checked against the model's."""
-    from transformers import BlipForQuestionAnswering
-
-    def load(src: str, **kwargs: Any) -> Any:
-        return BlipForQuestionAnswering.from_pretrained(src, output_loading_info=True, **kwargs)
-
+    load = functools.partial(BlipForQuestionAnswering.from_pretrained, output_loading_info=True)
     try:
         pretrained, info = load_local_first(load, source, "BLIP VQA weights", CheckpointError)
     except OSError as err:  # a folder without weights, a config of another model type...
@@ -238,28 +195,35 @@ def _from_pretrained(model: torch.nn.Module, source: str, report: LoadReport) ->
 
 def load_weights(model: torch.nn.Module, source: str | os.PathLike[str] | Mapping[str, Tensor]) -> LoadReport:
     """Load ``source`` into ``model`` (a plain ``BlipForQuestionAnswering``, in place) and say what was done.
-
     ``source``: an original BLIP/MISS pickle (a bare state dict or under ``model``), a ``.safetensors`` file, a
     Hugging Face BLIP VQA folder (as ``save_pretrained`` writes), a hub id such as ``Salesforce/blip-vqa-base``
     (local cache first; offline it fails in seconds), or a state dict in memory. Every model key must be filled
-    and every checkpoint key used, with the model's shapes, or :class:`CheckpointError` lists the differences.
-    """
+    and every checkpoint key used, with the model's shapes, or :class:`CheckpointError` lists the differences."""
     src = "<state dict>" if isinstance(source, Mapping) else os.fspath(source)
     path, report = Path(src).expanduser(), LoadReport(source=src, kind="state_dict")
-    suffixes = (*PICKLE_SUFFIXES, ".safetensors")
     if isinstance(source, Mapping):
         sd = _state_dict_in(source, src)
-    elif path.is_file() and path.suffix in suffixes:
-        sd, report.kind = _read(path), "safetensors" if path.suffix == ".safetensors" else "state_dict"
-    elif path.is_file():
-        raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r}; expected {', '.join(suffixes)}, "
-                              "a Hugging Face folder or a hub id")
-    elif path.is_dir() or (path.suffix not in suffixes and src.count("/") <= 1 and not src.startswith((".", "/", "~"))):
+    elif path.is_file():  # .safetensors, else a pickle (.pth, .pt, .bin, .ckpt...)
+        from safetensors.torch import load_file
+
+        report.kind, what = (("safetensors", "safetensors file") if path.suffix == ".safetensors"
+                             else ("state_dict", "PyTorch checkpoint"))
+        try:
+            obj = load_file(path) if report.kind == "safetensors" else load_pickle(path)
+        except Exception as err:  # corrupt bytes surface as almost any error inside a reader
+            raise CheckpointError(f"{path}: not a readable {what} (corrupt, truncated or another format): "
+                                  + f"{type(err).__name__}: {err}".splitlines()[0]) from err
+        sd = _state_dict_in(obj, src)
+    elif path.is_dir() or (not path.suffix and src.count("/") <= 1 and not src.startswith((".", "/", "~"))):
         sd, report.kind = _from_pretrained(model, src, report), "huggingface"
     else:
         raise CheckpointError(f"{src}: no such checkpoint file or folder (and not a hub id like owner/name)")
     if any(k.startswith("visual_encoder.") for k in sd):
         sd, report.dropped = convert_blip_state_dict(sd)
         report.kind = "blip"
-    _adapt_sizes(sd, report, model)
+    vision = model.config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    if POS_KEY in sd and sd[POS_KEY].shape[-2] - 1 != patches:  # another image size: resize the ViT positions
+        report.interpolated = (sd[POS_KEY].shape[-2] - 1, patches)
+        sd[POS_KEY] = interpolate_pos_embed(sd[POS_KEY], patches)
     return _load_into(model, sd, report)

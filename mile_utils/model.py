@@ -143,12 +143,9 @@ def _cross_attention_forward(self: torch.nn.Module, hidden_states: torch.Tensor,
 
 
 def fix_cross_attention_masks(model: torch.nn.Module) -> int:
-    """Make the text stacks' cross-attention honour ``encoder_attention_mask``; returns the layers patched.
-
-    In transformers 5, ``BlipTextAttention`` passes the layer's encoder mask to its self-attention as
-    ``attention_mask``, which a cross-attention ignores: the decoder would attend to the question's padding, so
-    results would depend on batching, unlike BLIP/MISS (``med.py``). Idempotent; :func:`build_model` applies it.
-    """
+    """Make the text stacks' cross-attention honour ``encoder_attention_mask`` (returns the layers patched): in
+    transformers 5, ``BlipTextAttention`` hands it over as ``attention_mask``, which a cross-attention ignores, so the
+    decoder would attend to question padding, unlike BLIP/MISS (``med.py``). Idempotent; build_model applies it."""
     todo = [m.crossattention for m in model.modules()
             if hasattr(m, "crossattention") and not getattr(m.crossattention, "_mile_cross_mask_fixed", False)]
     for cross in todo:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -41,21 +41,16 @@ class Profile:
     max_answer_length: int = 10
     min_answer_length: int = 1
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 PAPER = Profile(
     name="paper", image_size=480, patch_size=16, vit_hidden=768, vit_layers=12, vit_heads=12, vit_mlp=3072,
     text_hidden=768, text_layers=12, text_heads=12, text_mlp=3072, max_positions=512, vocab_size=30524,
     batch_size=20, lr=1e-5, min_lr=0.0, weight_decay=0.05, epochs=130, max_question_tokens=35, max_answer_tokens=10,
-    text_dropout=0.1, vit_drop_path=0.1,
-)
+    text_dropout=0.1, vit_drop_path=0.1)
 TINY = Profile(
     name="tiny", image_size=64, patch_size=8, vit_hidden=128, vit_layers=2, vit_heads=4, vit_mlp=256,
     text_hidden=128, text_layers=2, text_heads=4, text_mlp=256, max_positions=128, vocab_size=None,
-    batch_size=32, lr=1e-3, min_lr=1e-5, weight_decay=0.05, epochs=6, max_question_tokens=35, max_answer_tokens=10,
-)
+    batch_size=32, lr=1e-3, min_lr=1e-5, weight_decay=0.05, epochs=6, max_question_tokens=35, max_answer_tokens=10)
 PROFILES: dict[str, Profile] = {p.name: p for p in (TINY, PAPER)}
 
 
