@@ -177,7 +177,7 @@ def _from_pretrained(model: torch.nn.Module, source: str, report: LoadReport) ->
     """The state dict of a Hugging Face BLIP VQA folder or hub id, its config checked against the model's."""
     load = functools.partial(BlipForQuestionAnswering.from_pretrained, output_loading_info=True)
     try:
-        pretrained, info = load_local_first(load, source, "BLIP VQA weights", CheckpointError)
+        pretrained, info = load_local_first(load, source, "BLIP VQA weights (--checkpoint)", CheckpointError)
     except OSError as err:  # a folder without weights, a config of another model type...
         raise CheckpointError(f"{source}: not a loadable Hugging Face BLIP VQA folder (config.json and "
                               f"model.safetensors, as save_pretrained writes): {err}") from err

@@ -103,7 +103,7 @@ def build_tokenizer(profile: str | Profile = "tiny", path: str | Path | None = N
         tokenizer.bos_token = DEC_TOKEN
         return check_blip_tokenizer(tokenizer, src)
 
-    return load_local_first(load, str(path or "bert-base-uncased"), f"tokenizer of profile {prof.name!r}")
+    return load_local_first(load, str(path or "bert-base-uncased"), f"tokenizer of profile {prof.name!r} (--tokenizer)")
 
 
 def blip_config(profile: str | Profile = "tiny", tokenizer: Tokenizer | None = None) -> BlipConfig:
