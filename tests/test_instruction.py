@@ -93,6 +93,8 @@ def test_open_record_gets_four_options_same_type_first() -> None:
     # the two other planes are always among the distractors, the last comes from the rest of the vocabulary
     assert {"coronal", "sagittal"} <= set(opts) and not {"yes", "no"} & set(opts)
     assert len(fmt.prompts(RECORDS[1])) == 5  # no judgmental template for an OPEN question
+    cased = InstructionFormatter([rec(1, "MRI - T1", "Modality"), rec(2, "CT", "Modality")], seed=0)
+    assert sorted(cased.options(rec(3, "X-ray", "Other"))) == ["CT", "MRI - T1", "X-ray"]  # answers as written
 
 
 def test_seeded_options() -> None:

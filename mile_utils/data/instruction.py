@@ -44,7 +44,7 @@ class InstructionFormatter:
                 by_type.setdefault(rec.content_type, {}).setdefault(rec.answer.strip().lower(), rec.answer)
         # sorted: the vocabulary (and so the options) must not depend on record order
         self.by_type = {t: sorted(v.values()) for t, v in by_type.items()}
-        self.vocabulary = sorted({a.strip().lower(): a for v in by_type.values() for a in v}.values())
+        self.vocabulary = sorted({a.strip().lower(): a for v in by_type.values() for a in v.values()}.values())
 
     def options(self, record: Record) -> list[str]:
         rng = random.Random(f"{self.seed}:options:{record.qid}")
