@@ -11,6 +11,7 @@ import os
 import pickle
 import re
 import zipfile
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +24,7 @@ from transformers import BlipForQuestionAnswering
 from .model import load_local_first
 
 POS_KEY = "vision_model.embeddings.position_embedding"
-# Original ViT (timm, as vendored by BLIP) -> transformers' BlipVisionModel; BLIP's BERT (med.py) and transformers'
-# BlipText* share names. Keys matching nothing keep their name, so loading reports them as unexpected.
+# Original ViT (timm, as vendored by BLIP) -> transformers' names; BLIP's text stacks (med.py) share transformers'.
 _LAYER = r"vision_model.encoder.layers.\1."
 _RENAMES = [(re.compile("^visual_encoder." + p), r) for p, r in (
     (r"cls_token$", "vision_model.embeddings.class_embedding"),
@@ -36,8 +36,8 @@ _RENAMES = [(re.compile("^visual_encoder." + p), r) for p, r in (
 _DROPS = [(re.compile(p), reason) for p, reason in (  # original keys dropped on purpose, with the reason reported
     (r"^(text_encoder|text_decoder\.bert)\.embeddings\.position_ids$", "buffer arange(512), rebuilt by transformers"),
     (r"^(visual_encoder|text_encoder|text_decoder|vision_proj|text_proj)_m\.", "BLIP pretraining momentum encoder"),
-    (r"^(vision_proj|text_proj|itm_head)\.", "BLIP pretraining ITC/ITM head, not part of the VQA model"),
-    (r"^(temp|image_queue|text_queue|idx_queue|ptr_queue)$", "BLIP pretraining contrastive state"))]
+    (r"^(vision_proj|text_proj|itm_head)\.|^(temp|image_queue|text_queue|idx_queue|ptr_queue)$",
+     "BLIP pretraining ITC/ITM heads and contrastive state, not part of the VQA model"))]
 # Config fields that must agree between a Hugging Face checkpoint and the model (same shapes can mean other maths),
 # and those only reported (numerically minor: BLIP's timm ViT eps 1e-6 vs transformers' 1e-5; or the tokenizer's).
 _ARCH = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act")
@@ -64,7 +64,7 @@ class LoadReport:
 
 
 def convert_blip_state_dict(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """An original BLIP/MISS state dict under ``BlipForQuestionAnswering`` names, and the keys dropped (-> why)."""
+    """An original BLIP/MISS state dict under transformers' names (others kept), and the keys dropped -> why."""
     dropped = {k: reason for k in sd for p, reason in _DROPS if p.match(k)}
     out = {next((p.sub(r, k) for p, r in _RENAMES if p.match(k)), k): v for k, v in sd.items() if k not in dropped}
     return out, dropped
@@ -78,8 +78,6 @@ def interpolate_pos_embed(pos_embed: Tensor, num_patches: int) -> Tensor:
     if old_side * old_side != old or new_side * new_side != num_patches:
         raise CheckpointError(f"position embeddings of shape {tuple(pos_embed.shape)} do not form a square grid "
                               f"of patches (+1 cls) that can be resized to {num_patches} patches")
-    if old == num_patches:
-        return pos_embed
     grid = pos_embed[:, 1:].float().reshape(1, old_side, old_side, -1).permute(0, 3, 1, 2)  # bicubic needs fp32
     grid = torch.nn.functional.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
     return torch.cat((pos_embed[:, :1], grid.permute(0, 2, 3, 1).flatten(1, 2).to(pos_embed.dtype)), dim=1)
@@ -94,7 +92,7 @@ class _Inert:
     __call__ = __setstate__ = __setitem__ = append = extend = __init__  # pickle's BUILD, SETITEMS, APPENDS...
 
 
-class _Unpickler(pickle.Unpickler):
+class _Unpickler(pickle._Unpickler):  # the Python implementation: its opcodes can be overridden
     """Finds only torch's ``weights_only`` allowlist (tensor rebuilding, containers, dtypes); others become inert."""
 
     def find_class(self, module: str, name: str) -> Any:
@@ -104,11 +102,17 @@ class _Unpickler(pickle.Unpickler):
         name = f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{name}"
         return _get_allowed_globals().get(name) or type(f"Inert[{name}]", (_Inert,), {})
 
+    def load_build(self) -> None:  # as torch's reader: no setting attributes of classes or functions it found
+        if not isinstance(self.stack[-2], (_Inert, Tensor, OrderedDict)):
+            raise pickle.UnpicklingError(f"BUILD of a {type(self.stack[-2]).__name__} refused")
+        super().load_build()
+
+    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: load_build}
+
 
 def load_pickle(path: str | os.PathLike[str]) -> Any:
-    """The object in a ``torch.save`` file, on the CPU, without running code from it: unknown classes (a ruamel
-    config, custom optimizer state...) become inert placeholders. Pre-1.6 non-zip files go to torch's own
-    ``weights_only`` reader, which refuses anything but tensors and containers."""
+    """The object in a ``torch.save`` file, without running code from it: unknown classes (a ruamel config...) become
+    inert placeholders. Non-zip (pre-1.6) files go to torch's ``weights_only`` reader, which refuses them."""
     if not zipfile.is_zipfile(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     storages: dict[str, torch.TypedStorage] = {}
@@ -219,10 +223,8 @@ def load_weights(model: torch.nn.Module, source: str | os.PathLike[str] | Mappin
     else:
         raise CheckpointError(f"{src}: no such checkpoint file or folder (and not a hub id like owner/name)")
     if any(k.startswith("visual_encoder.") for k in sd):
-        sd, report.dropped = convert_blip_state_dict(sd)
-        report.kind = "blip"
-    vision = model.config.vision_config
-    patches = (vision.image_size // vision.patch_size) ** 2
+        sd, report.dropped, report.kind = (*convert_blip_state_dict(sd), "blip")
+    patches = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
     if POS_KEY in sd and sd[POS_KEY].shape[-2] - 1 != patches:  # another image size: resize the ViT positions
         report.interpolated = (sd[POS_KEY].shape[-2] - 1, patches)
         sd[POS_KEY] = interpolate_pos_embed(sd[POS_KEY], patches)

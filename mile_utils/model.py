@@ -29,8 +29,7 @@ def _tiny_tokenizer() -> Tokenizer:
     """The tiny profile's BERT-uncased WordPiece tokenizer, built offline, the same on every machine: every
     printable ASCII character is a word start and a ``##`` continuation (no English text maps to [UNK]), whole
     medical-VQA words follow (most questions are a few tokens long), then [DEC] and [ENC]."""
-    from tokenizers import Tokenizer as WordPiece
-    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+    import tokenizers as tk
     from transformers import PreTrainedTokenizerFast
 
     text = resources.files("mile_utils.reference").joinpath("tiny_vocab_words.txt").read_text(encoding="utf-8")
@@ -38,19 +37,19 @@ def _tiny_tokenizer() -> Tokenizer:
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars if c.isalnum())]
     words += [w.strip().lower() for w in text.splitlines() if w.strip() and not w.startswith("#")]
     vocab = {w: i for i, w in enumerate(dict.fromkeys([*words, DEC_TOKEN, ENC_TOKEN]))}
-    tok = WordPiece(models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.BertPreTokenizer(), decoders.WordPiece(prefix="##")
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-                                                       special_tokens=[(t, vocab[t]) for t in ("[CLS]", "[SEP]")])
+    tok = tk.Tokenizer(tk.models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = tk.normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
+    tok.pre_tokenizer, tok.decoder = tk.pre_tokenizers.BertPreTokenizer(), tk.decoders.WordPiece(prefix="##")
+    tok.post_processor = tk.processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[(t, vocab[t]) for t in ("[CLS]", "[SEP]")])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
         mask_token="[MASK]", bos_token=DEC_TOKEN, additional_special_tokens=[ENC_TOKEN], model_max_length=512)
 
 
 def check_blip_tokenizer(tokenizer: Tokenizer, source: str) -> Tokenizer:
-    """Raise unless ``tokenizer`` is BERT-base-uncased + [DEC] + [ENC] (30,524 tokens, BLIP's special ids); catches
-    the empty-vocabulary tokenizer transformers builds when it finds no vocabulary file."""
+    """Raise unless ``tokenizer`` is bert-base-uncased + [DEC] + [ENC] (transformers builds a 5-word one from none)."""
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in BLIP_SPECIAL_IDS}
     if len(tokenizer) != 30524 or ids != BLIP_SPECIAL_IDS:
         raise OSError(

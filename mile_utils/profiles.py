@@ -10,7 +10,6 @@ class Profile:
     """One model size and the training defaults that go with it (the reference's for ``paper``)."""
 
     name: str
-    # ViT image encoder
     image_size: int
     patch_size: int
     vit_hidden: int

@@ -6,6 +6,7 @@ import json
 import pickle
 import random
 import re
+import zipfile
 from importlib import resources
 from pathlib import Path
 
@@ -189,6 +190,18 @@ def test_code_in_a_checkpoint_is_never_run(tmp_path):
         with pytest.raises(pickle.UnpicklingError):
             load_pickle(tmp_path / "plain.pkl")
         assert not marker.exists()
+
+
+def test_a_pickle_cannot_set_attributes_of_what_it_names(tmp_path):
+    """BUILD with slot state on a class torch allows (Parameter) would patch it for the whole process."""
+    path = tmp_path / "patch.pth"
+    with zipfile.ZipFile(path, "w") as archive:  # torch.save's layout, written by hand
+        # GLOBAL Parameter, (None, {"x": 1}), BUILD: pickle would run setattr(Parameter, "x", 1)
+        archive.writestr("archive/data.pkl",
+                         b"\x80\x02ctorch.nn.parameter\nParameter\nN}X\x01\x00\x00\x00xK\x01s\x86b.")
+    with pytest.raises(pickle.UnpicklingError, match="BUILD of a _ParameterMeta refused"):
+        load_pickle(path)
+    assert not hasattr(torch.nn.Parameter, "x")
 
 
 def test_saved_pretrained_folder_loads_and_a_folder_missing_files_fails(tiny, tok, tmp_path):
