@@ -38,14 +38,13 @@ def _get(record: Any, name: str) -> Any:
 
 
 def _prediction_map(predictions: Mapping[Any, Any] | Iterable[Mapping[str, Any]]) -> dict[str, str]:
-    if isinstance(predictions, Mapping):
-        return {str(k): "" if v is None else str(v) for k, v in predictions.items()}
+    rows = [{"qid": k, "prediction": v} for k, v in predictions.items()] if isinstance(predictions, Mapping) \
+        else predictions
     out: dict[str, str] = {}
-    for i, row in enumerate(predictions):
-        if not isinstance(row, Mapping) or "qid" not in row or "prediction" not in row:
-            raise ValueError(f"prediction {i}: expected a mapping with 'qid' and 'prediction', got {row!r}")
-        if str(row["qid"]) in out:
-            raise ValueError(f"prediction {i}: qid {row['qid']!r} predicted twice")
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping) or "qid" not in row or "prediction" not in row or str(row["qid"]) in out:
+            raise ValueError(f"prediction {i}: expected a mapping with 'qid' and 'prediction', each qid predicted "
+                             f"once; got {row!r}")
         out[str(row["qid"])] = "" if row["prediction"] is None else str(row["prediction"])
     return out
 

@@ -129,7 +129,7 @@ def test_missing_unknown_and_duplicate_predictions() -> None:
     assert m["closed"]["correct"] == 1 and m["global"]["n"] == 7  # counted wrong, not dropped
     with pytest.raises(ValueError, match="not in the records"):
         compute_metrics({**PREDICTIONS, 99: "x"}, RECORDS)
-    with pytest.raises(ValueError, match="twice"):
+    with pytest.raises(ValueError, match="each qid predicted once"):
         compute_metrics([{"qid": 1, "prediction": "a"}, {"qid": "1", "prediction": "b"}], RECORDS[:1])
     with pytest.raises(ValueError, match="'prediction'"):
         compute_metrics([{"qid": 1, "answer": "a"}], RECORDS[:1])

@@ -203,20 +203,16 @@ def _load(dataset: str, split: str, *, root: str | Path | None = None, path: str
 
 
 def load_records(dataset: str = "synthetic", split: str = "train", **kwargs: Any) -> list[Record]:
-    """Records of one split of ``dataset`` (``synthetic``, ``slake``, ``vqa-rad`` or ``instruction``).
-
-    * ``synthetic``: generated (or read from the cache; ``root`` overrides the cache folder); ``size`` and
-      ``seed`` choose the set.
-    * ``slake``: ``root`` = the ``Slake1.0`` folder (``validate.json`` is the validation split); ``hub=True``
-      (or a hub id) downloads ``BoKelvin/SLAKE``; ``lang`` keeps one language (None: all).
-    * ``vqa-rad``: ``path`` = the OSF json or a hub parquet file/folder, or ``root`` = a folder with either;
-      ``hub=True`` downloads ``flaviagiammarino/vqa-rad``. Splits train/test only.
-    * ``instruction``: ``path`` = a MILE instruction JSON (or ``root`` with ``<split>.json``); images under
-      ``root`` (default: next to the file).
+    """Records of one split of ``dataset``: ``synthetic`` (generated and cached; ``size``, ``seed``; ``root``
+    overrides the cache folder), ``slake`` (``root`` = the ``Slake1.0`` folder, its ``validate.json`` being the
+    validation split; ``lang`` keeps one language, None all), ``vqa-rad`` (``path`` = the OSF json or a hub parquet
+    file/folder, or ``root`` = a folder with either; train/test only) or ``instruction`` (``path`` = a MILE
+    instruction JSON, or ``root`` with ``<split>.json``; images under ``root``, default next to the file).
+    ``hub=True`` (or a hub id) downloads SLAKE or VQA-RAD from the Hugging Face hub.
 
     Bad records raise ValueError/FileNotFoundError naming file, position in the file, qid and field;
-    ``skip_bad=True`` (CLI ``--skip-bad``) drops them with a warning that lists them. Image files are checked
-    to exist; ``verify_images=True`` also decodes each image once.
+    ``skip_bad=True`` (CLI ``--skip-bad``) drops them with a warning that lists them. Image files must exist;
+    ``verify_images=True`` also decodes each image once.
     """
     return _load(dataset, split, **kwargs)[0]
 

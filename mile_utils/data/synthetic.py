@@ -1,16 +1,12 @@
 """The built-in ``synthetic`` Med-VQA set: brain MRI slices from real anatomy with controlled findings.
 
-Anatomy is the MNI152 (ICBM 2009a) T1 template and its grey/white-matter maps, shipped inside ``nilearn``'s
-wheel (nothing is downloaded). Each image is one axial, coronal or sagittal slice in T1 or a T2-like contrast
-(CSF bright, white matter dark) with 0-2 round lesions of random side, size and intensity; questions follow
-SLAKE's mould (Plane, Modality, Abnormality, Quantity, Position, Size, Color; OPEN and CLOSED). Answers are
-balanced within each question text, so a question-only model stays near chance; lesions are >= ~4 px across
-at 64 px, so a tiny model can see them; each image is drawn from its own seed ``(seed, index)``, so a bigger set
-contains the smaller ones' images; left/right are the patient's side in radiological convention.
-
-Written in SLAKE's layout (``imgs/``, ``train.json``, ``validation.json``, ``test.json``) plus ``meta.json``
-(ground truth per image) and ``manifest.json`` (sizes, a SHA-256 per file) into a cache folder that appears
-only once complete.
+Anatomy is the MNI152 template and tissue maps that ``nilearn`` ships (nothing is downloaded). Each image is an
+axial, coronal or sagittal slice in T1 or a T2-like contrast with 0-2 round lesions of random side, size and
+intensity; questions follow SLAKE's mould and content types. Answers are balanced within each question text (a
+question-only model stays near chance); lesions are >= ~4 px across at 64 px; each image has its own seed
+``(seed, index)``, so a bigger set holds the smaller ones' images; left/right are the patient's, radiological
+convention. Written in SLAKE's layout plus ``meta.json`` (ground truth per image) and ``manifest.json`` (sizes,
+a SHA-256 per file) into a cache folder that appears only once complete.
 """
 
 from __future__ import annotations
