@@ -81,7 +81,7 @@ class RunConfig:
     label_smoothing: float = _opt(0.1, "label smoothing of the answer loss")
     loss_reduction: str = _opt("sum", "over answer tokens: sum (BLIP/MISS) or mean", choices=("sum", "mean"))
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass")
-    use_cache: bool = _opt(True, "precompute frozen components once per run (never changes results)")
+    use_cache: bool = _opt(True, "precompute frozen components once per run, in eval mode (no: every step, as MISS)")
     reference_quirk: bool = _opt(False, "the reference code's image scaling and generation question mask")
     mixed_precision: str | None = _opt(None, "default: bf16 on a GPU, fp32 on CPU", choices=("no", "bf16", "fp16"))
     num_workers: int = _opt(0, "DataLoader workers")
@@ -102,8 +102,10 @@ class RunConfig:
     @property
     def slug(self) -> str:
         """A folder name for the run: ``F-lora-lora-r4``, ``T-T-T``."""
-        name = self.spec_str.replace("/", "-")
-        return name + (f"-r{self.spec.rank}" if "lora" in self.spec_str.split("/") else "")
+        from .adapters import RANKED
+
+        ranked = any(m in RANKED for m in self.spec.methods.values())
+        return self.spec_str.replace("/", "-") + (f"-r{self.spec.rank}" if ranked else "")
 
     def resolved(self) -> RunConfig:
         """A copy with the profile's defaults filled in and ``out`` set."""
@@ -263,14 +265,17 @@ def run_experiment(config: RunConfig, resume: bool = False, *, skip_finished: bo
 
     cfg = config.resolved()
     out = Path(cfg.out)
-    check_writable(out)
     wall_start = time.perf_counter()
     train_records, eval_records = _load_data(cfg)
     identity = run_identity(cfg, train_records, eval_records)
     done = load_results(out)
     if done is not None and (resume or skip_finished) and done.get("identity", {}).get("key") == identity["key"]:
-        return done
+        return done  # found wherever the folder lies now, even read-only
+    check_writable(out)
 
+    if "adalora" in cfg.spec.methods.values():  # its rank budget schedule spans the run's optimiser steps
+        steps = cfg.epochs * -(-len(train_records) // cfg.batch_size) // cfg.grad_accum
+        cfg.spec = replace(cfg.spec, total_step=max(1, steps))
     prof = get_profile(cfg.profile)
     transform = ImageTransform(prof.image_size, reference_quirk=cfg.reference_quirk)
     train_ds = VQADataset(train_records, transform, train=True, seed=cfg.seed)
@@ -321,13 +326,15 @@ def run_experiment(config: RunConfig, resume: bool = False, *, skip_finished: bo
 # ------------------------------------------------------------------------------------------------------ grids
 def results_row(results: dict[str, Any]) -> dict[str, Any]:
     """One flat table row of a run's results (what the grid table and the book's comparisons show)."""
+    from .adapters import RANKED
+
     cfg, m, p, spec = results["config"], results["metrics"], results["params"], results["config"]["spec"]
     closed_yes_no = m.get("yes_no", {}).get("closed")
     return {
         "spec": cfg.get("spec_str") or f"{spec['vit']}/{spec['jtm']}/{spec['dec']}",
         "vit": spec["vit"], "jtm": spec["jtm"], "dec": spec["dec"],
-        # the rank means something only where LoRA is used; elsewhere it is left empty in tables
-        "rank": spec.get("rank") if "lora" in (spec["vit"], spec["jtm"], spec["dec"]) else None,
+        # the rank means something only where a ranked method (LoRA, ...) is used; elsewhere it is left empty
+        "rank": spec.get("rank") if any(spec[c] in RANKED for c in ("vit", "jtm", "dec")) else None,
         "profile": cfg["profile"], "dataset": cfg["dataset"], "epochs": cfg["epochs"], "seed": cfg["seed"],
         "trainable_pct": p.get("percent"), "trainable": p.get("trainable"), "total": p.get("total"),
         "open": m["open"]["accuracy"], "closed": m["closed"]["accuracy"], "global": m["global"]["accuracy"],

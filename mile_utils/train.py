@@ -45,9 +45,7 @@ def encode_questions(tokenizer: Any, questions: Sequence[str], max_tokens: int) 
     return ids, enc["attention_mask"]
 
 
-def encode_answers(
-    tokenizer: Any, answers: Sequence[str], max_tokens: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def encode_answers(tokenizer: Any, answers: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, ...]:
     """``[DEC] answer [SEP]`` ids, attention mask, and labels (pads -> -100), as BLIP's VQA training."""
     enc = tokenizer(list(answers), padding="longest", truncation=True, max_length=max_tokens, return_tensors="pt")
     ids = enc["input_ids"].clone()
@@ -56,11 +54,7 @@ def encode_answers(
 
 
 class VQACollator:
-    """Dataset indices -> a batch; pixels only when the ViT is not precomputed.
-
-    ``dataset`` (a :class:`mile_utils.data.VQADataset`) decides the question text, e.g. the instruction prompt
-    drawn for this epoch.
-    """
+    """Indices of a :class:`mile_utils.data.VQADataset` -> a batch; pixels only when the ViT is not precomputed."""
 
     def __init__(self, tokenizer: Any, profile: Profile, dataset: Any, need_pixels: bool = True) -> None:
         self.tokenizer, self.profile, self.dataset, self.need_pixels = tokenizer, profile, dataset, need_pixels
@@ -96,23 +90,18 @@ class EpochSampler(Sampler[int]):
 
 
 # ------------------------------------------------------------------------------------------- forward and loss
-def _hidden(out: Any) -> torch.Tensor:
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-
-
 def encode_images(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """ViT patch + [CLS] embeddings (after the final layer norm, as BLIP's ``visual_encoder``)."""
-    return _hidden(component_modules(model)["vit"](pixel_values=pixel_values))
+    return component_modules(model)["vit"](pixel_values=pixel_values).last_hidden_state
 
 
-def encode_questions_with_images(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor
-) -> torch.Tensor:
+def encode_questions_with_images(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                 image_embeds: torch.Tensor) -> torch.Tensor:
     """JTM: question tokens self-attend and cross-attend to all image tokens."""
     image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-    return _hidden(component_modules(model)["jtm"](input_ids=input_ids, attention_mask=attention_mask,
-                                                   encoder_hidden_states=image_embeds,
-                                                   encoder_attention_mask=image_mask))
+    return component_modules(model)["jtm"](input_ids=input_ids, attention_mask=attention_mask,
+                                           encoder_hidden_states=image_embeds,
+                                           encoder_attention_mask=image_mask).last_hidden_state
 
 
 def question_states(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
@@ -127,9 +116,8 @@ def question_states(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
 
 def decoder_logits(model: nn.Module, states: torch.Tensor, question_mask: torch.Tensor,
                    answer_ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
-    out = component_modules(model)["dec"](input_ids=answer_ids, attention_mask=answer_mask,
-                                          encoder_hidden_states=states, encoder_attention_mask=question_mask)
-    return out.logits if hasattr(out, "logits") else out[0]
+    return component_modules(model)["dec"](input_ids=answer_ids, attention_mask=answer_mask,
+                                           encoder_hidden_states=states, encoder_attention_mask=question_mask).logits
 
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1,
@@ -167,13 +155,12 @@ def _frozen(module: nn.Module) -> bool:
 
 
 class FrozenFeatures:
-    """One run's precompute: image embeddings of a frozen ViT (per image), and question states of a frozen
-    ViT + JTM (per image and question text), kept on the CPU so the run's device peak excludes them.
+    """One run's precompute, kept on the CPU: image embeddings of a frozen ViT (per image) and question states of
+    a frozen ViT + JTM (per image and question). :meth:`prepare` computes them in no-grad batches before the
+    loop; :meth:`attach` adds them to a batch, computing what is missing (a prompt first drawn later).
 
-    :meth:`prepare` computes them in large no-grad batches before the loop; :meth:`attach` adds them to each
-    batch, computing any entry still missing (an instruction prompt first drawn in a later epoch).
-    ``enabled=False`` computes everything every step (what the equality test compares against).
-    """
+    Computed in eval mode, once: MISS keeps its whole model in train mode, so its frozen parts apply dropout
+    and drop-path (paper profile: 0.1) anew each step; ``use_cache=False`` does that too (tiny: no dropout)."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, profile: Profile, *, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, enabled: bool = True, batch_size: int = 32) -> None:
@@ -190,14 +177,10 @@ class FrozenFeatures:
     def needs_pixels(self) -> bool:
         return not self.vit_cached
 
-    @property
-    def nbytes(self) -> int:
-        values = [*self._images.values(), *self._questions.values()]
-        return sum(t.numel() * t.element_size() for t in values)
-
     def summary(self) -> dict[str, Any]:
-        return {"vit": self.vit_cached, "jtm": self.jtm_cached, "entries_computed": self.computed,
-                "bytes": self.nbytes, "device": "cpu"}
+        size = sum(t.numel() * t.element_size() for t in [*self._images.values(), *self._questions.values()])
+        return {"vit": self.vit_cached, "jtm": self.jtm_cached, "entries_computed": self.computed, "bytes": size,
+                "device": "cpu"}
 
     @torch.no_grad()
     def prepare(self, dataset: Any, autocast: Callable[[], Any] = nullcontext) -> None:
@@ -212,13 +195,21 @@ class FrozenFeatures:
             self._fill_questions([r.img_name for r in dataset.records],
                                  [dataset.question_text(i) for i in range(len(dataset))], autocast)
 
+    def _run(self, forward: Callable[..., torch.Tensor], autocast: Callable[[], Any], *args: Any) -> torch.Tensor:
+        training = self.model.training
+        self.model.eval()
+        try:
+            with autocast():
+                return forward(self.model, *args).to(self.dtype).cpu()
+        finally:
+            self.model.train(training)
+
     def _fill_images(self, dataset: Any, indices: list[int], autocast: Callable[[], Any]) -> None:
         todo = [i for i in indices if dataset.records[i].img_name not in self._images]
         for j in range(0, len(todo), self.batch_size):
             chunk = todo[j:j + self.batch_size]
             pixels = torch.stack([dataset.pixels(i) for i in chunk]).to(self.device)
-            with autocast():
-                emb = encode_images(self.model, pixels).to(self.dtype).cpu()
+            emb = self._run(encode_images, autocast, pixels)
             for i, e in zip(chunk, emb, strict=True):
                 self._images[dataset.records[i].img_name] = e.clone()  # own storage, not a view of the batch
             self.computed += len(chunk)
@@ -229,9 +220,8 @@ class FrozenFeatures:
             chunk = keys[j:j + self.batch_size]
             ids, mask = encode_questions(self.tokenizer, [q for _, q in chunk], self.profile.max_question_tokens)
             images = torch.stack([self._images[name] for name, _ in chunk]).to(self.device)
-            with autocast():
-                states = encode_questions_with_images(self.model, ids.to(self.device), mask.to(self.device),
-                                                      images).to(self.dtype).cpu()
+            states = self._run(encode_questions_with_images, autocast, ids.to(self.device), mask.to(self.device),
+                               images)
             for key, s, m in zip(chunk, states, mask, strict=True):
                 self._questions[key] = s[: int(m.sum())].clone()  # unpadded: padding is rebuilt per batch
             self.computed += len(chunk)
@@ -265,9 +255,8 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_memory(device: torch.device) -> dict[str, Any]:
-    """The peak since :func:`reset_peak_memory`: CUDA max allocated, or the process's peak resident set
-    (Linux VmHWM: everything the process holds, libraries and data included); elsewhere ru_maxrss, the peak
-    since the process started."""
+    """The peak since :func:`reset_peak_memory`: CUDA max allocated, or the process's peak resident set (Linux
+    VmHWM: all the process holds, libraries and data included; elsewhere the peak since the process started)."""
     if device.type == "cuda":
         return {"peak_bytes": int(torch.cuda.max_memory_allocated(device)), "kind": "cuda_max_allocated"}
     if sys.platform.startswith("linux"):
@@ -302,15 +291,14 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *, out_dir: str | Path | None = None,
                 resume: bool = False, run_key: str = "", accelerator: Any = None, progress: bool = True) -> dict:
-    """Train ``model`` in place on ``dataset`` (a :class:`mile_utils.data.VQADataset` with ``train=True``).
-
-    ``options``: a resolved :class:`mile_utils.experiments.RunConfig` (profile, epochs, batch_size, lr, ...).
-    With ``out_dir``, a checkpoint is written after every epoch and ``resume=True`` continues from it (only
-    the checkpoint of the same ``run_key``). Returns ``history`` (per epoch: epoch, loss, lr, seconds,
-    checkpoint_s), ``train_seconds``/``samples`` (this session's), ``cache_seconds``, ``resumed_from_epoch``,
-    ``cached`` (:meth:`FrozenFeatures.summary`) and ``memory`` (:func:`peak_memory` of the epoch loops).
-    """
+    """Train ``model`` in place on ``dataset`` (a training :class:`mile_utils.data.VQADataset`) with the settings
+    of ``options`` (a resolved :class:`mile_utils.experiments.RunConfig`). With ``out_dir`` a checkpoint is
+    written each epoch, and ``resume`` continues from one of the same ``run_key``. Returns ``history`` (per
+    epoch), ``train_seconds``/``samples`` (this session), ``cache_seconds``, ``resumed_from_epoch``, ``cached``
+    (:meth:`FrozenFeatures.summary`) and ``memory`` (:func:`peak_memory` of the epoch loops)."""
     from tqdm.auto import tqdm
+
+    from .adapters import adapter_step
 
     prof = get_profile(options.profile)
     acc = accelerator or make_accelerator(options.grad_accum)
@@ -356,10 +344,11 @@ def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *,
         result.update(history=list(state["history"]), resumed_from_epoch=state["epoch"])
 
     cache_start = time.perf_counter()
-    _set_epoch(dataset, start_epoch)
+    dataset.set_epoch(start_epoch)  # instruction prompts are drawn per epoch
     features.prepare(dataset, acc.autocast)
     result["cache_seconds"] = time.perf_counter() - cache_start
     steps_per_epoch = len(loader)
+    adaptive = "adalora" in options.spec.methods.values()
     bar = tqdm(total=options.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch,
                disable=not (progress and acc.is_main_process), desc="train", leave=False)
     step_module.train()
@@ -376,7 +365,7 @@ def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *,
         sampler.set_epoch(epoch)
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
-        _set_epoch(dataset, epoch)
+        dataset.set_epoch(epoch)
         loss_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
         seen = 0
         for step, batch in enumerate(loader):
@@ -395,6 +384,8 @@ def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *,
                 _check_finite(acc, loss, epoch, step, ckpt_path)
                 acc.backward(loss)
                 optimizer.step()
+                if adaptive and acc.sync_gradients:  # AdaLoRA reallocates its rank budget after each update
+                    adapter_step(model, epoch * steps_per_epoch + step)
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += per_answer[:real].detach().double().sum()
             seen += real
@@ -438,20 +429,12 @@ def _seed_all(seed: int) -> None:
 
 def _real_rows(step: int, n: int, batch_size: int, num_processes: int, process_index: int,
                local_rows: int) -> tuple[int, int]:
-    """(rows of this process's slice that are real samples, real samples in the global batch) at ``step``.
-
-    Under split_batches each process takes rows ``[k * B/N, (k + 1) * B/N)`` of global batch ``step``; a short
-    last batch is padded (Accelerate's even_batches) with samples from the epoch's start, which must neither
-    count twice in the loss nor in the gradient. The real rows always come first.
-    """
+    """(real rows of this process's slice, real rows of the global batch) at ``step``: under split_batches a
+    process takes rows ``[k B/N, (k+1) B/N)``; a short last batch is padded (even_batches) with samples that must
+    count neither in the loss nor in the gradient. The real rows come first."""
     global_real = min(batch_size, n - step * batch_size)
     start = process_index * (batch_size // num_processes)
     return max(0, min(local_rows, global_real - start)), global_real
-
-
-def _set_epoch(dataset: Any, epoch: int) -> None:
-    if hasattr(dataset, "set_epoch"):
-        dataset.set_epoch(epoch)  # instruction prompts are drawn per epoch
 
 
 def _check_finite(acc: Any, loss: torch.Tensor, epoch: int, step: int, ckpt_path: Path | None) -> None:

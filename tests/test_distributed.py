@@ -37,7 +37,7 @@ def _free_port() -> int:
 def _run(cmd: list[str]) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
            "CUDA_VISIBLE_DEVICES": ""}  # CPU processes (gloo) even on a GPU machine
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)  # generous: a loaded machine
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
 
 

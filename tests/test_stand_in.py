@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -19,15 +20,21 @@ from mile_utils.experiments import (
 )
 
 
-def test_stand_in_is_trained_once_on_other_data_and_starts_runs(tmp_path) -> None:
-    path = Path(pretrained_stand_in(tmp_path, size=24, data_seed=3, progress=False))
-    weights = path / "model.safetensors"
-    assert weights.is_file()
-    first = weights.stat().st_mtime_ns
-    assert Path(pretrained_stand_in(tmp_path, size=24, data_seed=3, progress=False)) == path
-    assert weights.stat().st_mtime_ns == first  # reused, not trained again
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """A runs folder holding the stand-in (trained once for this module: it is the slow part)."""
+    folder = tmp_path_factory.mktemp("stand-in") / "runs"
+    pretrained_stand_in(folder, size=24, data_seed=3, progress=False)
+    return folder
 
-    pre = load_results(tmp_path / "tiny-pretrained" / "T-T-T")
+
+def test_stand_in_is_trained_once_on_other_data_and_starts_runs(runs, monkeypatch) -> None:
+    trained = _count_training(monkeypatch)
+    path = Path(pretrained_stand_in(runs, size=24, data_seed=3, progress=False))
+    weights = path / "model.safetensors"
+    assert weights.is_file() and trained == []  # reused, not trained again
+
+    pre = load_results(runs / "tiny-pretrained" / "T-T-T")
     assert pre["config"]["data_seed"] == 4 and pre["config"]["spec_str"] == "T/T/T"
 
     _, trained = trained_model(RunConfig.from_dict(pre["config"]))
@@ -59,30 +66,32 @@ def _config(runs: Path, checkpoint: str, **changes) -> RunConfig:
                      checkpoint=checkpoint, out=str(runs / "tiny-synthetic" / "F-F-lora"), **changes)
 
 
-def test_a_moved_or_copied_runs_folder_is_reused(tmp_path, monkeypatch) -> None:
+def test_a_moved_or_copied_runs_folder_is_reused(runs, tmp_path, monkeypatch) -> None:
     """Runs are found by what determines them (settings, data and starting weights by content), never by path."""
     trained = _count_training(monkeypatch)
     first = tmp_path / "first" / "runs"
-    before = run_experiment(_config(first, pretrained_stand_in(first, size=24, progress=False)), progress=False)
-    assert trained == ["T/T/T", "F/F/lora"]
+    shutil.copytree(runs, first)
+    before = run_experiment(_config(first, pretrained_stand_in(first, size=24, data_seed=3, progress=False)),
+                            progress=False)
+    assert trained == ["F/F/lora"]  # the copied stand-in is found
     moved = tmp_path / "moved" / "to" / "another" / "prefix" / "runs"
     shutil.move(str(first), moved)
     copied = tmp_path / "copy" / "runs"
     shutil.copytree(moved, copied)
-    for runs in (moved, copied):
-        checkpoint = pretrained_stand_in(runs, size=24, progress=False)
-        assert Path(checkpoint).parent == runs / "tiny-pretrained"  # found where it lies now
-        after = run_experiment(_config(runs, checkpoint), skip_finished=True, progress=False)
-        assert trained == ["T/T/T", "F/F/lora"]  # nothing trained again
+    for folder in (moved, copied):
+        checkpoint = pretrained_stand_in(folder, size=24, data_seed=3, progress=False)
+        assert Path(checkpoint).parent == folder / "tiny-pretrained"  # found where it lies now
+        after = run_experiment(_config(folder, checkpoint), skip_finished=True, progress=False)
+        assert trained == ["F/F/lora"]  # nothing trained again
         assert after["identity"] == before["identity"] and after["metrics"] == before["metrics"]
-        assert after["history"] == before["history"] and after["config"]["out"] == str(runs / "tiny-synthetic"
-                                                                                      / "F-F-lora")
+        assert after["history"] == before["history"]
+        assert after["config"]["out"] == str(folder / "tiny-synthetic" / "F-F-lora")
     run_experiment(_config(copied, checkpoint, lr=5e-4), skip_finished=True, progress=False)
-    assert trained[2:] == ["F/F/lora"]  # another hyper-parameter: trained again
-    weights = Path(pretrained_stand_in(moved, size=24, progress=False)) / "model.safetensors"
+    assert trained[1:] == ["F/F/lora"]  # another hyper-parameter: trained again
+    weights = Path(pretrained_stand_in(moved, size=24, data_seed=3, progress=False)) / "model.safetensors"
     tensors = load_file(weights)
     name = next(k for k, t in tensors.items() if t.is_floating_point())
     tensors[name] = tensors[name] + 1.0
     save_file(tensors, weights, metadata={"format": "pt"})
     run_experiment(_config(moved, str(weights.parent)), skip_finished=True, progress=False)
-    assert trained[3:] == ["F/F/lora"]  # same path, other starting weights: trained again
+    assert trained[2:] == ["F/F/lora"]  # same path, other starting weights: trained again
