@@ -12,7 +12,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 # the CPU wheel of torch lies on this machine's disk; a GPU user installs their CUDA torch before `make`
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv book notebooks html test test-package test-notebooks lint lab clean clean-runs
+.PHONY: venv book notebooks html test test-package test-notebooks update-expected lint lab clean clean-runs
 
 venv: $(VENV)/.installed
 
@@ -24,10 +24,19 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
+# The kernel warns on every start that it runs over TCP without encryption (ipykernel's kernelapp; jupyter_client
+# provisions no CurveZMQ keys by default). Kernels here talk to papermill/nbval/JupyterLab on this machine only,
+# so the environment's kernel config (read from <prefix>/etc/ipython) keeps the kernel's log to errors.
+KERNEL_CONFIG := $(VENV)/etc/ipython/ipython_kernel_config.json
+$(KERNEL_CONFIG): | venv
+	mkdir -p $(dir $@)
+	echo '{"IPKernelApp": {"log_level": "ERROR"}}' > $@
+
 # ---- the book ------------------------------------------------------------------------------------------------
 # Notebook parameters: empty make variables leave the notebook's own default (the profile's epochs, the chapter's
 # dataset size). RUNS_DIR is shared by all chapters, so chapter 09 reads the results of 02-08; a finished run is
-# not repeated, so a results folder copied into it (e.g. from a GPU machine) is reused as it is.
+# not repeated, so a results folder copied into it (e.g. from a GPU machine) is reused as it is. The default is the
+# notebooks' own default (../runs from notebooks/), so `make book`, `make lab` and a plain run share one folder.
 RUNS_DIR ?= runs
 # the CPU book trains each tiny run for 3 epochs (the profile's default is 6) to stay within its time budget;
 # other profiles keep their own default unless EPOCHS is given
@@ -35,28 +44,49 @@ EPOCHS ?= $(if $(filter tiny,$(PROFILE)),3,)
 BATCH_SIZE ?=
 SIZE ?=
 SEED ?=
+# Per-cell time limit (seconds) of every papermill and nbval execution: a stuck cell fails with the notebook and
+# cell named instead of waiting forever. A cell of the paper profile trains a whole grid on a GPU: 2 days.
+CELL_TIMEOUT ?= $(if $(filter tiny,$(PROFILE)),1800,172800)
+TEST_CELL_TIMEOUT ?= 1200
 # book/_executed is the book's staging tree; it mirrors the repository (book/*.md, notebooks/*.ipynb executed,
 # references.bib) so each page's launch/download/source buttons point at the real file in the repository.
 EXECUTED_NB := $(EXECUTED)/notebooks
-PM_PARAMS = -p profile "$(PROFILE)" -p dataset "$(DATASET)" -p data_dir "$(DATA_DIR)" \
-  -p checkpoint "$(CHECKPOINT)" -p runs_dir "$(abspath $(RUNS_DIR))" \
+# a path as the notebooks (run in notebooks/) see it: relative when inside the repository, so no path of this
+# machine is written into the executed notebooks, absolute otherwise
+nb_path = $(shell $(PY) -c "import os,sys; p=os.path.abspath(sys.argv[1]); r=os.path.relpath(p, 'notebooks'); \
+  print(p if os.path.relpath(p).startswith('..') else r)" "$(1)")
+PM_PARAMS = -p profile "$(PROFILE)" -p dataset "$(DATASET)" -p data_dir "$(if $(DATA_DIR),$(call nb_path,$(DATA_DIR)))" \
+  -p checkpoint "$(CHECKPOINT)" -p runs_dir "$(call nb_path,$(RUNS_DIR))" \
   $(if $(EPOCHS),-p epochs $(EPOCHS)) $(if $(BATCH_SIZE),-p batch_size $(BATCH_SIZE)) \
   $(if $(SIZE),-p size $(SIZE)) $(if $(SEED),-p seed $(SEED)) \
   -p progress False  # progress bars are for people watching; in the book they would be noise
-PAPERMILL := $(VENV)/bin/papermill --cwd notebooks -k python3 --log-level WARNING --no-progress-bar
+PAPERMILL := $(VENV)/bin/papermill -k python3 --log-level WARNING --no-progress-bar
+# execute_nb NOTEBOOK OUTPUT TIMEOUT PARAMS CWD: papermill with a per-cell timeout. Chapters with ipywidgets browsers
+# declare an `interactive` parameter: headless runs set it False (nbclient can deadlock on widgets; they show
+# their static table), and nbval's re-execution of the executed copy keeps the injected value. On failure the
+# check names the notebook and the cell that raised or ran past the timeout.
+execute_nb = $(PAPERMILL) --cwd $(5) --execution-timeout $(3) $(1) $(2) $(4) \
+  $$(grep -q '"interactive = ' $(1) && echo "-p interactive False") \
+  || { $(PY) tests/check_notebook_outputs.py $(2); echo "$(1) failed (a cell raised or ran past $(3) s)" >&2; \
+       exit 1; }
 
 # Execute every notebook with papermill into book/_executed/notebooks (sources stay output-free); the time of
 # each notebook goes to book/_executed/timings.txt.
-notebooks: venv
+notebooks: venv $(KERNEL_CONFIG)
 	mkdir -p $(EXECUTED_NB) $(RUNS_DIR)
 	: > $(EXECUTED)/timings.txt
 	set -e; total=0; for nb in $(NOTEBOOKS); do \
 	  name=$$(basename $$nb); start=$$(date +%s); \
-	  $(PAPERMILL) $$nb $(EXECUTED_NB)/$$name $(PM_PARAMS); \
+	  $(call execute_nb,$$nb,$(EXECUTED_NB)/$$name,$(CELL_TIMEOUT),$(PM_PARAMS),notebooks); \
 	  took=$$(( $$(date +%s) - start )); total=$$(( total + took )); \
 	  echo "$$name: $$took s" | tee -a $(EXECUTED)/timings.txt; \
 	done; echo "all notebooks: $$total s" | tee -a $(EXECUTED)/timings.txt
 	$(PY) tests/check_notebook_outputs.py $(EXECUTED_NB)/*.ipynb
+	@# papermill's injected-parameters cell is plumbing, like the parameters cell it overrides: out of the book
+	$(PY) -c "import sys, nbformat; nbs = {p: nbformat.read(p, 4) for p in sys.argv[1:]}; \
+	  [c.metadata.tags.append('remove-cell') for nb in nbs.values() for c in nb.cells \
+	   if 'injected-parameters' in c.metadata.get('tags', [])]; [nbformat.write(nb, p) for p, nb in nbs.items()]" \
+	  $(EXECUTED_NB)/*.ipynb
 
 # Build the static HTML book from the executed copies, offline; any Sphinx warning fails the build.
 html: venv
@@ -77,25 +107,32 @@ test: venv
 test-package: venv
 	$(PY) -m pytest -q tests
 
-# The notebook check: execute each notebook with papermill using fast "smoke" parameters into a scratch folder
-# (the sources carry no outputs to compare against), then let nbval re-execute those copies and compare the cells
-# marked `# NBVAL_CHECK_OUTPUT` (parameter tables, dataset summaries), ignoring what the sanitize file masks.
+# The notebook check: execute each notebook with papermill using fast "smoke" parameters into a scratch folder,
+# compare its deterministic outputs (parameter tables, dataset summaries, settings; cells tagged
+# `nbval-check-output`) with the committed expectations in tests/expected/ (check_notebook_outputs.py
+# --expected; `make update-expected` rewrites them after an intended change), then let nbval re-execute those
+# copies and compare the same cells with papermill's run (the check that they are deterministic). The copies run
+# in $(NBTEST)/notebooks, whose ../runs is $(NBTEST)/runs both for papermill and for nbval.
 NBTEST := _build/nbtest
-SMOKE_PARAMS := -p profile tiny -p dataset synthetic -p runs_dir "$(abspath $(NBTEST))/runs" -p epochs 1 -p size 24 \
-  -p progress False
-test-notebooks: venv
+SMOKE_PARAMS := -p profile tiny -p dataset synthetic -p runs_dir ../runs -p epochs 1 -p size 24 -p progress False
+test-notebooks: venv $(KERNEL_CONFIG)
 	rm -rf $(NBTEST) && mkdir -p $(NBTEST)/notebooks
 	set -e; for nb in $(NOTEBOOKS); do \
 	  name=$$(basename $$nb); start=$$(date +%s); \
-	  $(PAPERMILL) $$nb $(NBTEST)/notebooks/$$name $(SMOKE_PARAMS); \
+	  $(call execute_nb,$$nb,$(NBTEST)/notebooks/$$name,$(TEST_CELL_TIMEOUT),$(SMOKE_PARAMS),$(NBTEST)/notebooks); \
 	  echo "$$name (smoke): $$(( $$(date +%s) - start )) s"; \
 	done
-	$(PY) tests/check_notebook_outputs.py $(NBTEST)/notebooks/*.ipynb
+	$(PY) tests/check_notebook_outputs.py --expected tests/expected $(NBTEST)/notebooks/*.ipynb
 	cd $(NBTEST)/notebooks && $(abspath $(PY)) -m pytest -q -p no:cacheprovider --nbval-lax \
-	  --nbval-current-env --nbval-sanitize-with $(abspath tests/nbval_sanitize.cfg) --rootdir . .
+	  --nbval-current-env --nbval-cell-timeout $(TEST_CELL_TIMEOUT) \
+	  --nbval-sanitize-with $(abspath tests/nbval_sanitize.cfg) --rootdir . .
+
+# after an intended change of a checked output: rewrite tests/expected/ from the last `make test-notebooks` run
+update-expected: venv
+	$(PY) tests/check_notebook_outputs.py --update tests/expected $(NBTEST)/notebooks/*.ipynb
 
 lint: venv
-	$(VENV)/bin/ruff check mile_utils tests
+	$(VENV)/bin/ruff check mile_utils tests notebooks
 
 # JupyterLab on the project's environment, opened on the notebooks
 lab: venv
