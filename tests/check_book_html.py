@@ -228,7 +228,6 @@ def main(argv: list[str] | None = None) -> int:
     server = serve(args.build)
     base = f"http://127.0.0.1:{server.server_address[1]}"
     # a page's script can hang the browser itself, where no playwright timeout reaches: end the check, naming it
-    current = {"page": "starting Chromium"}
     watchdog = threading.Timer(0, lambda: None)
     found: dict[str, list[str]] = {}
     start = time.monotonic()
@@ -239,8 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             context = browser.new_context(viewport={"width": 1280, "height": 900})
             for page in pages:
                 watchdog.cancel()
-                current["page"] = page.as_posix()
-                watchdog = threading.Timer(3 * args.timeout, _give_up, (current, 3 * args.timeout))
+                watchdog = threading.Timer(3 * args.timeout, _give_up, (page, 3 * args.timeout, found))
                 watchdog.daemon = True
                 watchdog.start()
                 if target := REDIRECT.search((args.build / page).read_text(encoding="utf-8", errors="replace")):
@@ -255,16 +253,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.shutdown()
     print(f"checked {len(pages)} page(s) of {args.build} in {time.monotonic() - start:.1f} s")
+    _print_problems(found)
+    return 1 if found else 0
+
+
+def _print_problems(found: dict[str, list[str]]) -> None:
     for page, problems in found.items():
         for problem in problems:
             print(f"{page}: {problem}", file=sys.stderr)
     if found:
-        print(f"{len(found)} page(s) with problems", file=sys.stderr)
-    return 1 if found else 0
+        print(f"{len(found)} page(s) with problems", file=sys.stderr, flush=True)
 
 
-def _give_up(current: dict[str, str], seconds: float) -> None:
-    print(f"{current['page']}: the browser did not answer for {seconds:.0f} s (a hung page?); check stopped",
+def _give_up(page: Path, seconds: float, found: dict[str, list[str]]) -> None:
+    _print_problems(found)
+    print(f"{page.as_posix()}: the browser did not answer for {seconds:.0f} s (a hung page?); check stopped",
           file=sys.stderr, flush=True)
     os._exit(1)  # the playwright driver ends with its parent and takes Chromium with it
 
