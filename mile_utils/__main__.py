@@ -77,6 +77,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = RunConfig(spec=_spec(args), **{f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
                                              if f.name != "spec"})
+    if args.no_progress:  # also transformers' own bars (e.g. "Loading weights" of a checkpoint folder)
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
     results = run_experiment(config, resume=args.resume, keep_checkpoint=args.keep_checkpoint,
                              progress=not args.no_progress)
     if not PartialState().is_main_process:  # under `accelerate launch`, one report, not one per process
