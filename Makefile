@@ -12,7 +12,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 # the CPU wheel of torch lies on this machine's disk; a GPU user installs their CUDA torch before `make`
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv book notebooks html test test-package test-notebooks update-expected lint lab clean clean-runs
+.PHONY: venv book notebooks html test test-package test-notebooks update-expected check-html lint lab clean clean-runs
 
 venv: $(VENV)/.installed
 
@@ -92,6 +92,7 @@ notebooks: venv $(KERNEL_CONFIG)
 html: venv
 	mkdir -p $(EXECUTED)/book
 	cp book/*.md $(EXECUTED)/book/
+	rm -rf $(EXECUTED)/book/_ext && cp -r book/_ext $(EXECUTED)/book/_ext
 	cp references.bib $(EXECUTED)/
 	$(VENV)/bin/jupyter-book build $(EXECUTED) --config $(abspath _config.yml) --toc $(abspath _toc.yml) --path-output . \
 	  --warningiserror --keep-going --all --builder html
@@ -130,6 +131,12 @@ test-notebooks: venv $(KERNEL_CONFIG)
 # after an intended change of a checked output: rewrite tests/expected/ from the last `make test-notebooks` run
 update-expected: venv
 	$(PY) tests/check_notebook_outputs.py --update tests/expected $(NBTEST)/notebooks/*.ipynb
+
+# The built pages in headless Chromium (Debian's `chromium`, driven by playwright; `apt-get install chromium`):
+# fails on raw TeX, console/script errors, failed or non-local (CDN) requests and missing figures.
+# SHOTS=dir saves full-page screenshots, PAGES="03 07 09" limits the pages.
+check-html: venv
+	$(PY) tests/check_book_html.py _build/html $(if $(PAGES),--pages $(PAGES)) $(if $(SHOTS),--screenshots $(SHOTS))
 
 lint: venv
 	$(VENV)/bin/ruff check mile_utils tests notebooks
