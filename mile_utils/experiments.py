@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .files import write_json
+from .files import atomic_folder, write_json
 from .profiles import PROFILES, get_profile
 from .train import CHECKPOINT_NAME, make_accelerator, train_model
 
@@ -421,14 +421,9 @@ def trained_model(config: RunConfig) -> tuple[Any, Any]:
 
 def export_model(config: RunConfig, dest: str | Path) -> Path:
     """Write a finished run's whole model to ``dest`` (a folder ``RunConfig.checkpoint`` accepts); kept if there."""
-    import tempfile
-
     dest = Path(dest)
-    if not (dest / "model.safetensors").is_file():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.")
-        trained_model(config)[1].save_pretrained(tmp)  # a Hugging Face folder: config.json + model.safetensors
-        os.replace(tmp, dest)  # whole folder at once: a reader never sees half of it
+    if not (dest / "model.safetensors").is_file():  # a Hugging Face folder: config.json + model.safetensors
+        atomic_folder(dest, lambda tmp: trained_model(config)[1].save_pretrained(tmp), done="model.safetensors")
     return dest
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -30,3 +31,22 @@ def write_json(path: str | os.PathLike[str], obj: object) -> Path:
     """Write ``obj`` as indented JSON, atomically."""
     text = json.dumps(obj, indent=2, default=str) + "\n"
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_folder(path: str | os.PathLike[str], write: Callable[[Path], object], *, done: str) -> Path:
+    """Fill a temporary sibling folder with ``write(tmp)``, then rename it to ``path``: a reader never sees half a
+    folder. If another process renamed a complete one there first (its ``done`` file exists), that one stays."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        write(tmp)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not (path / done).is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -16,14 +16,14 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from ..files import atomic_folder
 
 GENERATOR_VERSION = 1
 SIZES = {"full": 700, "small": 160}  # full: about SLAKE English question counts (4,919 train, 1,061 test)
@@ -293,16 +293,5 @@ def synthetic_dir(size: int | str | None = None, seed: int = 0, cache_dir: str |
     final = base / f"synthetic-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
     if (final / "manifest.json").is_file():
         return final
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=base))
-    try:
-        generate_synthetic(tmp, size=n_images, seed=seed)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "manifest.json").is_file():
-                raise  # else another process finished the same set first; its bytes are identical
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    # another process may finish the same set first: its bytes are identical, so either copy will do
+    return atomic_folder(final, lambda tmp: generate_synthetic(tmp, size=n_images, seed=seed), done="manifest.json")
