@@ -13,13 +13,14 @@ import sys
 import typing
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
-def _add_fields(p: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
+def _add_fields(p: argparse.ArgumentParser, cls: type, only: Sequence[str] | None = None) -> None:
     """One ``--flag-name`` per dataclass field: its type, default, help and choices; booleans get ``--no-``."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name == "spec" or (only is not None and f.name not in only):
             continue
         kinds = [t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None)]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
@@ -31,46 +32,32 @@ def _add_fields(p: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ())
         p.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
-def _spec(args: argparse.Namespace) -> typing.Any:
+def _spec(args: argparse.Namespace) -> Any:
     from .adapters import AdapterSpec
 
     return AdapterSpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AdapterSpec)})
 
 
-def _print_json(obj: object) -> None:
-    json.dump(obj, sys.stdout, indent=2, default=str)
-    sys.stdout.write("\n")
-
-
-def cmd_params(args: argparse.Namespace) -> int:
+def cmd_params(args: argparse.Namespace) -> tuple[Any, str]:
     from .adapters import parameter_report
 
     spec = _spec(args)
     report = parameter_report(spec, profile=args.profile)
-    if args.json:
-        _print_json(report)
-        return 0
-    print(f"{spec} on profile {args.profile}: {report['trainable']:,} trainable of {report['total']:,} "
-          f"({report['percent']:.3f}%)")
-    for name, comp in report["components"].items():
-        print(f"  {name:4s} {comp['method']:7s} trainable {comp['trainable']:>12,}  total {comp['total']:>12,}")
-    return 0
+    return report, "\n".join([
+        f"{spec} on profile {args.profile}: {report['trainable']:,} trainable of {report['total']:,} "
+        f"({report['percent']:.3f}%)", *(f"  {name:4s} {c['method']:7s} trainable {c['trainable']:>12,}  total "
+                                         f"{c['total']:>12,}" for name, c in report["components"].items())])
 
 
-def cmd_data(args: argparse.Namespace) -> int:
+def cmd_data(args: argparse.Namespace) -> tuple[Any, str]:
     from .data import summarize_dataset
 
     summary = summarize_dataset(args.dataset, split=args.split, root=args.root, path=args.path,
                                 skip_bad=args.skip_bad, size=args.size, seed=args.seed, hub=args.hub or False)
-    if args.json:
-        _print_json(summary)
-    else:
-        for key, value in summary.items():
-            print(f"{key}: {value}")
-    return 0
+    return summary, "\n".join(f"{key}: {value}" for key, value in summary.items())
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace) -> tuple[Any, str] | None:
     from accelerate import PartialState
 
     from .experiments import RunConfig, run_experiment
@@ -84,27 +71,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     results = run_experiment(config, resume=args.resume, keep_checkpoint=args.keep_checkpoint,
                              progress=not args.no_progress)
     if not PartialState().is_main_process:  # under `accelerate launch`, one report, not one per process
-        return 0
-    if args.json:
-        _print_json(results)
-        return 0
-    m, t = results["metrics"], results["timing"]
-    print(f"{config.spec_str} ({config.profile}, {config.dataset}): open {m['open']['accuracy']:.2f} "
-          f"closed {m['closed']['accuracy']:.2f} global {m['global']['accuracy']:.2f} "
-          f"({results['params']['percent']:.2f}% trainable, {t['wall_s']:.0f} s) -> {results['config']['out']}")
-    return 0
+        return None
+    m, t, out = results["metrics"], results["timing"], results["config"]["out"]
+    return results, (f"{config.spec_str} ({config.profile}, {config.dataset}): open {m['open']['accuracy']:.2f} "
+                     f"closed {m['closed']['accuracy']:.2f} global {m['global']['accuracy']:.2f} "
+                     f"({results['params']['percent']:.2f}% trainable, {t['wall_s']:.0f} s) -> {out}")
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def cmd_bench(args: argparse.Namespace) -> tuple[Any, str]:
     from .bench import format_table, run_benchmark
 
     report = run_benchmark(profile=args.profile, steps=args.steps, repeats=args.repeats,
                            batch_size=args.batch_size, specs=args.specs, device=args.device)
-    if args.json:
-        _print_json(report)
-    else:
-        print(format_table(report))
-    return 0
+    return report, format_table(report)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -117,41 +96,35 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("params", help="count trainable/total parameters of a component spec")
-    _add_fields(p, AdapterSpec)
-    p.add_argument("--profile", default="tiny", choices=("tiny", "paper"))
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_params)
+    def command(name: str, func: Any, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.set_defaults(func=func)
+        p.add_argument("--json", action="store_true", help="print the result as JSON")
+        return p
 
-    p = sub.add_parser("data", help="summarise a dataset split and report the first problems")
-    _add_fields(p, RunConfig, skip=[f.name for f in dataclasses.fields(RunConfig)
-                                    if f.name not in ("dataset", "root", "path", "size")])
+    p = command("params", cmd_params, "count trainable/total parameters of a component spec")
+    _add_fields(p, AdapterSpec)
+    _add_fields(p, RunConfig, only=["profile"])
+    p = command("data", cmd_data, "summarise a dataset split and report the first problems")
+    _add_fields(p, RunConfig, only=["dataset", "root", "path", "size"])
     p.add_argument("--split", default="train")
     p.add_argument("--seed", type=int, default=0, help="the built-in set's generator seed")
     p.add_argument("--skip-bad", action="store_true", help="skip bad records and report them")
     p.add_argument("--hub", nargs="?", const=True, default=None,
                    help="download from the Hugging Face hub (slake, vqa-rad), optionally naming a hub id")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_data)
-
-    p = sub.add_parser("train", help="train and evaluate one configuration; writes OUT/results.json")
+    p = command("train", cmd_train, "train and evaluate one configuration; writes OUT/results.json")
     _add_fields(p, AdapterSpec)
-    _add_fields(p, RunConfig, skip=["spec"])
+    _add_fields(p, RunConfig)
     p.add_argument("--resume", action="store_true", help="continue from OUT's last checkpoint")
     p.add_argument("--keep-checkpoint", action="store_true", help="keep OUT/checkpoint.pt after the run")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("bench", help="samples/s and peak memory of our loop vs a reference-style loop")
-    p.add_argument("--profile", default="tiny", choices=("tiny", "paper"))
+    p = command("bench", cmd_bench, "samples/s and peak memory of our loop vs a reference-style loop")
+    _add_fields(p, RunConfig, only=["profile"])
     p.add_argument("--steps", type=int, default=None, help="steps per timed block")
     p.add_argument("--repeats", type=int, default=None, help="timed blocks per loop (after one warm-up block)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--specs", nargs="*", default=None, help="e.g. T/T/T F/F/lora")
     p.add_argument("--device", default=None)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -160,10 +133,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        result = args.func(args)
     except (ValueError, OSError, NonFiniteLossError) as err:  # bad input, unwritable --out, NaN loss
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if result is not None:
+        print(json.dumps(result[0], indent=2, default=str) if args.json else result[1])
+    return 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import math
 import os
 import pickle
 import re
+import types
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -115,22 +116,9 @@ def load_pickle(path: str | os.PathLike[str]) -> Any:
     inert placeholders. Non-zip (pre-1.6) files go to torch's ``weights_only`` reader, which refuses them."""
     if not zipfile.is_zipfile(path):
         return torch.load(path, map_location="cpu", weights_only=True)
-    storages: dict[str, torch.TypedStorage] = {}
-    with zipfile.ZipFile(path) as archive:
-        pkl = next(n for n in archive.namelist() if n.endswith("data.pkl"))
-
-        def storage(pid: tuple) -> torch.TypedStorage:
-            _kind, storage_type, key, _location, _numel = pid  # storage_type: allowlisted, else inert (no dtype)
-            if key not in storages:  # one storage per key: tensors saved tied stay tied
-                data = bytearray(archive.read(f"{pkl[:-len('data.pkl')]}data/{key}"))
-                raw = torch.UntypedStorage.from_buffer(data, dtype=torch.uint8) if data else torch.UntypedStorage()
-                storages[key] = torch.TypedStorage(wrap_storage=raw, dtype=storage_type.dtype, _internal=True)
-            return storages[key]
-
-        with archive.open(pkl) as f:
-            unpickler = _Unpickler(f)
-            unpickler.persistent_load = storage
-            return unpickler.load()
+    # torch reads the archive and its tensors; the pickle in it goes through our restricted unpickler
+    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=types.SimpleNamespace(
+        Unpickler=_Unpickler, __name__="mile_utils.checkpoints"))
 
 
 def _state_dict_in(obj: Any, where: str) -> dict[str, Tensor]:

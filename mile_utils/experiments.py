@@ -1,10 +1,8 @@
 """Run one configuration end to end (data -> model -> spec -> train -> evaluate -> results.json), or a grid.
 
-:class:`RunConfig` is the one description of a run: the CLI's flags are generated from its fields, the
-notebooks and the grid runner build it, and it is written into ``results.json``. A finished run is recognised
-by its identity (:meth:`RunConfig.run_key`): what determines its result, with the data, the starting weights
-and the tokenizer identified by content, never by where they or the run folder lie. So a runs folder moved or
-copied to another machine is reused as is.
+:class:`RunConfig` is the one description of a run: the CLI's flags are generated from its fields. A finished run
+is recognised by its identity: its settings, with the data, starting weights and tokenizer identified by content,
+never by where they or the run folder lie, so a runs folder moved to another machine is reused as is.
 """
 
 from __future__ import annotations
@@ -23,26 +21,25 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import accelerate
+import peft
 import torch
+import transformers
 
+from . import __version__
+from .adapters import RANKED, AdapterSpec, apply_spec, count_parameters, load_adapters, save_adapters
+from .checkpoints import load_weights
+from .data import ImageTransform, VQADataset, load_records
+from .evaluate import evaluate_model
 from .files import atomic_folder, write_json
+from .model import build_model, build_tokenizer
 from .profiles import PROFILES, get_profile
 from .train import CHECKPOINT_NAME, make_accelerator, train_model
 
-RESULTS_NAME = "results.json"
-PREDICTIONS_NAME = "predictions.jsonl"
-WEIGHTS_DIR = "weights"
-# the paper's method names -> ours
-PAPER_METHODS = {"F": "F", "T": "T", "LoRA": "lora", "Prefix": "prefix", "IA3": "ia3", "PTV2": "ptv2"}
+RESULTS_NAME, WEIGHTS_DIR = "results.json", "weights"
 # where a run's inputs lie: they enter its identity by content (data, weights, tokenizer) or not at all
 _LOCATIONS = ("out", "checkpoint", "tokenizer", "root", "path", "size")
 _RECORD_CONTENT = ("qid", "img_name", "question", "answer", "answer_type", "content_type", "q_lang", "prompts")
-
-
-def _spec_type() -> Any:
-    from .adapters import AdapterSpec
-
-    return AdapterSpec
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -56,7 +53,7 @@ class RunConfig:
 
     profile: str = _opt("tiny", "model size and training defaults", choices=tuple(PROFILES))
     dataset: str = _opt("synthetic", "synthetic, slake, vqa-rad or instruction")
-    spec: Any = field(default_factory=lambda: _spec_type().parse("F/T/T"))
+    spec: Any = field(default_factory=lambda: AdapterSpec.parse("F/T/T"))  # or "F/lora/lora", or its dict
     root: str | None = _opt(None, "dataset folder (Slake1.0, images root, synthetic cache)")
     path: str | None = _opt(None, "a dataset file (OSF VQA-RAD json, parquet, instruction json)")
     size: str | int | None = _opt(None, "built-in set size: full, small, or a number of images")
@@ -87,10 +84,7 @@ class RunConfig:
     num_workers: int = _opt(0, "DataLoader workers")
 
     def __post_init__(self) -> None:
-        if isinstance(self.spec, str):
-            self.spec = _spec_type().parse(self.spec)
-        elif isinstance(self.spec, dict):
-            self.spec = _spec_type().from_dict(self.spec)
+        self.spec = AdapterSpec.from_dict(self.spec) if isinstance(self.spec, dict) else AdapterSpec.parse(self.spec)
         get_profile(self.profile)  # fail early on an unknown profile
         if self.eval_method not in ("generate", "rank"):
             raise ValueError(f"eval_method {self.eval_method!r}: expected 'generate' or 'rank'")
@@ -102,15 +96,12 @@ class RunConfig:
     @property
     def slug(self) -> str:
         """A folder name for the run: ``F-lora-lora-r4``, ``T-T-T``."""
-        from .adapters import RANKED
-
         ranked = any(m in RANKED for m in self.spec.methods.values())
         return self.spec_str.replace("/", "-") + (f"-r{self.spec.rank}" if ranked else "")
 
     def resolved(self) -> RunConfig:
         """A copy with the profile's defaults filled in and ``out`` set."""
-        prof = get_profile(self.profile)
-        cfg = replace(self)
+        prof, cfg = get_profile(self.profile), replace(self)
         for name in ("epochs", "batch_size", "lr", "min_lr", "weight_decay"):
             if getattr(cfg, name) is None:
                 setattr(cfg, name, getattr(prof, name))
@@ -123,8 +114,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
     def run_key(self) -> str:
         """The run's identity: a hash of what determines its result (loads the data to identify it)."""
@@ -143,13 +133,11 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:  # size and mtime:
 
 
 def content_id(source: str | os.PathLike[str] | None) -> str | None:
-    """A local file or folder by the SHA-256 of its files' bytes (names relative to it); anything else (a hub id)
-    by its name. Hidden files (temporary, editor) are left out."""
-    if source is None:
-        return None
-    path = Path(source).expanduser()
-    if not path.exists():
-        return str(source)
+    """A local file or folder by the SHA-256 of its files' bytes (names relative to it, hidden files left out);
+    anything else (a hub id) by its name."""
+    path = Path(source).expanduser() if source is not None else None
+    if path is None or not path.exists():
+        return None if source is None else str(source)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not any(
         part.startswith(".") for part in p.relative_to(path).parts))
     h = hashlib.sha256()
@@ -164,8 +152,7 @@ def records_id(records: Sequence[Any]) -> str:
     """Records by content: their fields (not where their images lie) and their images' bytes."""
     h, images = hashlib.sha256(), {}
     for r in records:
-        row = {name: getattr(r, name, None) for name in _RECORD_CONTENT}
-        h.update(json.dumps(row, sort_keys=True, default=str).encode())
+        h.update(json.dumps({name: getattr(r, name) for name in _RECORD_CONTENT}, sort_keys=True, default=str).encode())
         if r.img_name not in images:
             data = r.image_bytes if r.image_bytes is not None else r.image_path.read_bytes()
             images[r.img_name] = hashlib.sha256(data).hexdigest()
@@ -183,18 +170,6 @@ def run_identity(cfg: RunConfig, train_records: Sequence[Any], eval_records: Seq
 
 
 # --------------------------------------------------------------------------------------------- one experiment
-def check_writable(out: Path) -> None:
-    """Fail before any training if ``out`` cannot hold the results (not after an hour of GPU time)."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("ok", encoding="utf-8")
-        probe.unlink()
-    except OSError as err:
-        raise PermissionError(f"output directory {out} is not writable ({err.strerror or err}): "
-                              "choose another --out") from err
-
-
 def load_results(out: str | Path) -> dict[str, Any] | None:
     """The ``results.json`` of a run folder (``config.out`` set to where it lies now), or None if unfinished."""
     path = Path(out) / RESULTS_NAME
@@ -205,29 +180,19 @@ def load_results(out: str | Path) -> dict[str, Any] | None:
     return results
 
 
-def _subset(records: Sequence[Any], n: int | None, seed: int) -> list[Any]:
-    if n is None or n >= len(records):
-        return list(records)
-    keep = sorted(random.Random(seed).sample(range(len(records)), n))
-    return [records[i] for i in keep]
-
-
 def _load_data(cfg: RunConfig) -> tuple[list[Any], list[Any]]:
-    from .data import load_records
+    """The train and eval records, each a seeded random subset when ``max_*_samples`` asks for one."""
+    def subset(split: str, n: int | None) -> list[Any]:
+        records = load_records(cfg.dataset, split, root=cfg.root, path=cfg.path, size=cfg.size, seed=cfg.data_seed)
+        if n is None or n >= len(records):
+            return records
+        return [records[i] for i in sorted(random.Random(cfg.seed).sample(range(len(records)), n))]
 
-    kw = dict(root=cfg.root, path=cfg.path, size=cfg.size, seed=cfg.data_seed)
-    return (_subset(load_records(cfg.dataset, cfg.train_split, **kw), cfg.max_train_samples, cfg.seed),
-            _subset(load_records(cfg.dataset, cfg.eval_split, **kw), cfg.max_eval_samples, cfg.seed))
+    return subset(cfg.train_split, cfg.max_train_samples), subset(cfg.eval_split, cfg.max_eval_samples)
 
 
-def environment(acc: Any) -> dict[str, Any]:
+def environment(acc: accelerate.Accelerator) -> dict[str, Any]:
     """Library versions, device and threads: what every results file and benchmark records."""
-    import accelerate
-    import peft
-    import transformers
-
-    from . import __version__
-
     device = acc.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
@@ -239,14 +204,9 @@ def environment(acc: Any) -> dict[str, Any]:
 
 def build_run(cfg: RunConfig) -> tuple[Any, Any]:
     """Tokenizer and model for a resolved config: built, initial weights loaded, component spec applied."""
-    from .adapters import apply_spec
-    from .model import build_model, build_tokenizer
-
     tokenizer = build_tokenizer(cfg.profile, cfg.tokenizer)
     model = build_model(cfg.profile, tokenizer, seed=cfg.seed)
     if cfg.checkpoint:
-        from .checkpoints import load_weights
-
         load_weights(model, cfg.checkpoint)
     return tokenizer, apply_spec(model, cfg.spec, seed=cfg.seed)
 
@@ -259,10 +219,6 @@ def run_experiment(config: RunConfig, resume: bool = False, *, skip_finished: bo
     identity in ``out`` is returned as is when ``resume`` or ``skip_finished``. The per-epoch checkpoint is
     deleted once results are written unless ``keep_checkpoint``.
     """
-    from .adapters import count_parameters, save_adapters
-    from .data import ImageTransform, VQADataset
-    from .evaluate import evaluate_model
-
     cfg = config.resolved()
     out = Path(cfg.out)
     wall_start = time.perf_counter()
@@ -271,7 +227,14 @@ def run_experiment(config: RunConfig, resume: bool = False, *, skip_finished: bo
     done = load_results(out)
     if done is not None and (resume or skip_finished) and done.get("identity", {}).get("key") == identity["key"]:
         return done  # found wherever the folder lies now, even read-only
-    check_writable(out)
+    try:  # fail before any training if out cannot hold the results (not after an hour of GPU time)
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("ok", encoding="utf-8")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"output directory {out} is not writable ({err.strerror or err}): "
+                              "choose another --out") from err
 
     if "adalora" in cfg.spec.methods.values():  # its rank budget schedule spans the run's optimiser steps
         steps = cfg.epochs * -(-len(train_records) // cfg.batch_size) // cfg.grad_accum
@@ -315,7 +278,7 @@ def run_experiment(config: RunConfig, resume: bool = False, *, skip_finished: bo
             # the training loop's peak (reset at its start); the frozen-feature precompute lies on the CPU apart
             "memory": {**trained["memory"], "cache_bytes": trained["cached"]["bytes"]},
             "environment": environment(acc),
-            "files": {"predictions": PREDICTIONS_NAME, "weights": WEIGHTS_DIR},
+            "files": {"predictions": "predictions.jsonl", "weights": WEIGHTS_DIR},
         })
         if not keep_checkpoint:
             (out / CHECKPOINT_NAME).unlink(missing_ok=True)
@@ -326,8 +289,6 @@ def run_experiment(config: RunConfig, resume: bool = False, *, skip_finished: bo
 # ------------------------------------------------------------------------------------------------------ grids
 def results_row(results: dict[str, Any]) -> dict[str, Any]:
     """One flat table row of a run's results (what the grid table and the book's comparisons show)."""
-    from .adapters import RANKED
-
     cfg, m, p, spec = results["config"], results["metrics"], results["params"], results["config"]["spec"]
     closed_yes_no = m.get("yes_no", {}).get("closed")
     return {
@@ -370,18 +331,14 @@ def paper_reference() -> dict[str, Any]:
 
 
 def paper_rows(include_full: bool = True) -> list[dict[str, Any]]:
-    """The 23 configurations of the paper's Tables 1–4 (plus full fine-tuning T/T/T) with their numbers.
-
-    Each row: ``spec`` in our names (``F/lora/lora``), ``rank`` (LoRA rows), ``table``, and the paper's
-    ``params_pct``, ``memory_gb``, ``open``, ``closed``, ``global`` (full fine-tuning: none in those tables).
-    """
-    rows = [{"spec": "/".join(PAPER_METHODS[r[c]] for c in ("vit", "jtm", "dec")), "rank": r.get("rank"),
-             **{k: r[k] for k in ("table", "params_pct", "memory_gb", "open", "closed", "global")}}
+    """The 23 configurations of the paper's Tables 1–4 (plus full fine-tuning T/T/T) with their numbers: ``spec``
+    in our names (``F/lora/lora``), ``rank``, ``table``, ``params_pct``, ``memory_gb``, ``open``, ``closed``,
+    ``global`` (T/T/T: none in those tables)."""
+    keys = ("table", "params_pct", "memory_gb", "open", "closed", "global")
+    rows = [{"spec": str(AdapterSpec(r["vit"], r["jtm"], r["dec"])), "rank": r.get("rank"), **{k: r[k] for k in keys}}
             for r in paper_reference()["tables_1_to_4"]]
-    if include_full:
-        rows.append({"spec": "T/T/T", "rank": None, "table": None, "params_pct": 100.0, "memory_gb": None,
-                     "open": None, "closed": None, "global": None})
-    return rows
+    full = {"spec": "T/T/T", "rank": None, **dict.fromkeys(keys), "params_pct": 100.0}
+    return rows + [full] * include_full
 
 
 def paper_grid(base: RunConfig | None = None, *, table: int | None = None, include_full: bool = True,
@@ -389,27 +346,21 @@ def paper_grid(base: RunConfig | None = None, *, table: int | None = None, inclu
     """RunConfigs for the paper's grid, each in ``out_root/<slug>``: the rows of Table ``table`` (1-4) only,
     or the rows whose spec is in ``specs``. ``base`` carries everything else; LoRA rows take the row's rank."""
     base = base or RunConfig()
-    if table is not None and table not in {r["table"] for r in paper_rows(False)}:
+    if table not in (None, 1, 2, 3, 4):
         raise ValueError(f"table {table!r}: the paper's grid has Tables 1-4")
     root = Path(out_root) if out_root is not None else Path("runs") / f"{base.profile}-{base.dataset}"
     configs = []
     for row in paper_rows(include_full):
-        if (specs is not None and row["spec"] not in specs) or (table is not None and row["table"] != table):
-            continue
-        parsed = _spec_type().parse(row["spec"])
-        kw = base.spec.to_dict() | {"vit": parsed.vit, "jtm": parsed.jtm, "dec": parsed.dec}
-        if row["rank"] is not None:
-            kw["rank"] = row["rank"]
-        cfg = replace(base, spec=_spec_type().from_dict(kw))
-        configs.append(replace(cfg, out=str(root / cfg.slug)))
+        if (specs is None or row["spec"] in specs) and (table is None or row["table"] == table):
+            cfg = replace(base, spec=replace(base.spec, **AdapterSpec.parse(row["spec"]).methods,
+                                             rank=row["rank"] or base.spec.rank))
+            configs.append(replace(cfg, out=str(root / cfg.slug)))
     return configs
 
 
 # ------------------------------------------------------------------------------------ finished runs as models
 def trained_model(config: RunConfig) -> tuple[Any, Any]:
     """Tokenizer and model of a finished run: its initial weights, its spec, then its trained weights."""
-    from .adapters import load_adapters
-
     cfg = config.resolved()
     weights = Path(cfg.out) / WEIGHTS_DIR
     if not weights.is_dir():

@@ -196,6 +196,7 @@ def test_a_pickle_cannot_set_attributes_of_what_it_names(tmp_path):
     """BUILD with slot state on a class torch allows (Parameter) would patch it for the whole process."""
     path = tmp_path / "patch.pth"
     with zipfile.ZipFile(path, "w") as archive:  # torch.save's layout, written by hand
+        archive.writestr("archive/version", "3\n")
         # GLOBAL Parameter, (None, {"x": 1}), BUILD: pickle would run setattr(Parameter, "x", 1)
         archive.writestr("archive/data.pkl",
                          b"\x80\x02ctorch.nn.parameter\nParameter\nN}X\x01\x00\x00\x00xK\x01s\x86b.")
