@@ -1,5 +1,5 @@
-"""The one way this package writes a file: through a temporary file and a rename, so that a reader, or a run
-killed mid-write, never sees half a file and the previous version stays intact."""
+"""The one way this package writes a file or folder: into a temporary one, then a rename, so that a reader, or a
+run killed mid-write, never sees half of it and the previous version stays intact."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def write_json(path: str | os.PathLike[str], obj: object) -> Path:
 
 def atomic_folder(path: str | os.PathLike[str], write: Callable[[Path], object], *, done: str) -> Path:
     """Fill a temporary sibling folder with ``write(tmp)``, then rename it to ``path``: a reader never sees half a
-    folder. If another process renamed a complete one there first (its ``done`` file exists), that one stays."""
+    folder. If another process renamed a complete one there first (with its ``done`` file or folder), that one stays."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
@@ -44,7 +44,7 @@ def atomic_folder(path: str | os.PathLike[str], write: Callable[[Path], object],
         try:
             os.rename(tmp, path)
         except OSError:
-            if not (path / done).is_file():
+            if not (path / done).exists():
                 raise
     finally:
         if tmp.exists():

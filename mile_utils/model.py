@@ -26,26 +26,16 @@ HUB_TIMEOUT_S = 10  # one look at the hub; its client would otherwise retry for 
 
 
 def _tiny_tokenizer() -> Tokenizer:
-    """The tiny profile's BERT-uncased WordPiece tokenizer, built offline, the same on every machine: every
-    printable ASCII character is a word start and a ``##`` continuation (no English text maps to [UNK]), whole
-    medical-VQA words follow (most questions are a few tokens long), then [DEC] and [ENC]."""
-    import tokenizers as tk
-    from transformers import PreTrainedTokenizerFast
-
+    """The tiny profile's BERT-uncased WordPiece tokenizer, built offline, the same on every machine: every printable
+    ASCII character is a word start and a ``##`` continuation (no English text maps to [UNK]), whole medical-VQA
+    words follow (most questions are a few tokens long), then [DEC] and [ENC]."""
     text = resources.files("mile_utils.reference").joinpath("tiny_vocab_words.txt").read_text(encoding="utf-8")
     chars = [chr(c) for c in range(33, 127) if not chr(c).isupper()]
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars if c.isalnum())]
     words += [w.strip().lower() for w in text.splitlines() if w.strip() and not w.startswith("#")]
     vocab = {w: i for i, w in enumerate(dict.fromkeys([*words, DEC_TOKEN, ENC_TOKEN]))}
-    tok = tk.Tokenizer(tk.models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100))
-    tok.normalizer = tk.normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
-    tok.pre_tokenizer, tok.decoder = tk.pre_tokenizers.BertPreTokenizer(), tk.decoders.WordPiece(prefix="##")
-    tok.post_processor = tk.processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[(t, vocab[t]) for t in ("[CLS]", "[SEP]")])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", bos_token=DEC_TOKEN, additional_special_tokens=[ENC_TOKEN], model_max_length=512)
+    return BertTokenizerFast(vocab=vocab, bos_token=DEC_TOKEN, additional_special_tokens=[ENC_TOKEN],
+                             model_max_length=512)
 
 
 def check_blip_tokenizer(tokenizer: Tokenizer, source: str) -> Tokenizer:
@@ -60,9 +50,8 @@ def check_blip_tokenizer(tokenizer: Tokenizer, source: str) -> Tokenizer:
 
 
 def load_local_first(load: Callable[..., Any], source: str, what: str, error: type[Exception] = OSError) -> Any:
-    """``load(source, local_files_only=...)`` from a local folder, else the hub cache, else the hub if reachable:
-    asked once with a short timeout, never under ``HF_HUB_OFFLINE``, so offline it fails in seconds, saying what
-    was tried, instead of retrying for minutes."""
+    """``load(source, local_files_only=...)`` from a local folder, else the hub cache, else the hub if one look at it
+    (short timeout, never under ``HF_HUB_OFFLINE``) finds it: offline it fails in seconds, saying what was tried."""
     import huggingface_hub
 
     path = Path(source).expanduser()
@@ -70,19 +59,18 @@ def load_local_first(load: Callable[..., Any], source: str, what: str, error: ty
         if not path.is_dir():
             raise error(f"{what}: no such folder {path}")
         return load(str(path), local_files_only=True)
-    tried = []
-    for where in ("the Hugging Face cache", "the hub"):
-        try:
-            if where == "the Hugging Face cache":
-                return load(source, local_files_only=True)
-            if huggingface_hub.is_offline_mode():
-                raise ConnectionError("HF_HUB_OFFLINE is set")
-            huggingface_hub.model_info(source, timeout=HUB_TIMEOUT_S)
-        except Exception as err:  # the hub client raises its own HTTP/connection errors, not all OSError
-            tried.append(f"{where}: {type(err).__name__}: {err}".splitlines()[0])
-    if len(tried) == 2:
-        raise error(f"{what}: could not load {source!r}; tried " + "; ".join(tried) + ". Download it where there "
-                    f"is network (`hf download {source} --local-dir <folder>`), copy the folder here, pass its path")
+    try:
+        return load(source, local_files_only=True)
+    except Exception as err:  # the hub client raises its own HTTP/connection errors, not all OSError
+        tried = f"the Hugging Face cache: {type(err).__name__}: {err}".splitlines()[0]
+    try:
+        if huggingface_hub.is_offline_mode():
+            raise ConnectionError("HF_HUB_OFFLINE is set")
+        huggingface_hub.model_info(source, timeout=HUB_TIMEOUT_S)
+    except Exception as err:
+        raise error(f"{what}: could not load {source!r}; tried {tried}; " + f"the hub: {type(err).__name__}: {err}"
+                    .splitlines()[0] + f". Download it where there is network (`hf download {source} --local-dir "
+                    "<folder>`), copy the folder here, pass its path") from err
     return load(source)
 
 
@@ -134,22 +122,13 @@ def blip_config(profile: str | Profile = "tiny", tokenizer: Tokenizer | None = N
 
 def _cross_attention_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_mask: Any = None,
                              encoder_hidden_states: Any = None, cache: Any = None, **kwargs: Any) -> tuple:
-    # the layer hands the encoder mask over as ``attention_mask``; pass it where the attention reads it
+    """The text stacks' cross-attention, honouring the encoder mask: in transformers 5, ``BlipTextAttention`` hands
+    it over as ``attention_mask``, which a cross-attention ignores, so the decoder would attend to question padding,
+    unlike BLIP/MISS (``med.py``). Here it goes where the attention reads it."""
     cache = cache if cache is not None else kwargs.get("past_key_values")
     context, probs = self.self(hidden_states, encoder_hidden_states=encoder_hidden_states,
                                encoder_attention_mask=attention_mask, cache=cache)
     return self.output(context, hidden_states), probs
-
-
-def fix_cross_attention_masks(model: torch.nn.Module) -> int:
-    """Make the text stacks' cross-attention honour ``encoder_attention_mask`` (returns the layers patched): in
-    transformers 5, ``BlipTextAttention`` hands it over as ``attention_mask``, which a cross-attention ignores, so the
-    decoder would attend to question padding, unlike BLIP/MISS (``med.py``). Idempotent; build_model applies it."""
-    todo = [m.crossattention for m in model.modules()
-            if hasattr(m, "crossattention") and not getattr(m.crossattention, "_mile_cross_mask_fixed", False)]
-    for cross in todo:
-        cross.forward, cross._mile_cross_mask_fixed = types.MethodType(_cross_attention_forward, cross), True
-    return len(todo)
 
 
 def _drop_path(rate: float, module: torch.nn.Module, args: Any, output: Any) -> Any:
@@ -164,14 +143,14 @@ def _drop_path(rate: float, module: torch.nn.Module, args: Any, output: Any) -> 
 def build_model(profile: str | Profile = "tiny", tokenizer: Tokenizer | None = None, *,
                 device: str | torch.device = "cpu", seed: int | None = 0) -> BlipForQuestionAnswering:
     """A randomly initialised MISS/BLIP VQA model of the profile's size, with the cross-attention mask fix and the
-    ViT's drop-path. ``device="meta"`` allocates no weights: enough for parameter accounting. Load weights with
-    :func:`mile_utils.checkpoints.load_weights`."""
+    ViT's drop-path. ``device="meta"`` allocates no weights: enough for parameter accounting."""
     config = blip_config(profile, tokenizer)
     if seed is not None and str(device) != "meta":
         torch.manual_seed(seed)
     with torch.device(device):
         model = BlipForQuestionAnswering(config)
-    fix_cross_attention_masks(model)
+    for cross in [m.crossattention for m in model.modules() if hasattr(m, "crossattention")]:
+        cross.forward = types.MethodType(_cross_attention_forward, cross)
     layers, rate = model.vision_model.encoder.layers, config.vision_config.drop_path_rate
     for i, layer in enumerate(layers):  # BLIP's ViT: rates rising linearly from 0 (first block) to rate (last)
         if rate * i > 0:  # hooks only where they act: tiny (rate 0) runs exactly as without
@@ -181,6 +160,5 @@ def build_model(profile: str | Profile = "tiny", tokenizer: Tokenizer | None = N
 
 
 def component_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The three components of a BLIP VQA model (or a PEFT wrapper of one) by the paper's names."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {name: getattr(base, attr) for name, attr in COMPONENTS.items()}
+    """The three components of a BLIP VQA model by the paper's names."""
+    return {name: getattr(model, attr) for name, attr in COMPONENTS.items()}

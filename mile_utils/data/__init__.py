@@ -5,10 +5,10 @@ from .instruction import INSTRUCTION_TEMPLATES, InstructionFormatter, truncation
 from .loaders import DATASETS, load_records, summarize_dataset
 from .records import Record, is_yes_no, normalize_split
 from .synthetic import generate_synthetic, synthetic_dir
-from .transforms import CLIP_MEAN, CLIP_STD, ImageTransform, VQADataset, unique_image_tensors
+from .transforms import CLIP_MEAN, CLIP_STD, ImageTransform, VQADataset
 
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "DATASETS", "INSTRUCTION_TEMPLATES", "ImageTransform", "InstructionFormatter",
     "Record", "VQADataset", "generate_synthetic", "is_yes_no", "load_records", "normalize_split",
-    "summarize_dataset", "synthetic_dir", "truncation_report", "unique_image_tensors", "write_instruction_json",
+    "summarize_dataset", "synthetic_dir", "truncation_report", "write_instruction_json",
 ]

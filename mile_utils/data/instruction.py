@@ -1,11 +1,10 @@
 """MILE's instruction format: any VQA record turned into the reference's six prompt templates, seeded.
 
-Templates, their order and the option format are those of MILE's released ``RAD_instruction_data.json``:
-a CLOSED question gets all six (the "judgmental" one third), an OPEN one the five others. Options are the
-answer plus distractors: the opposite Yes/No for a yes/no answer (MILE writes ``(a)yes; (b)No``), else up to
-three answers of the split, the same content type first; shuffled once per record. MILE drew its distractors
-at random, so only their kind, not the words, can match its file. The reference truncated questions at 35
-tokens, which cuts many of these prompts short: :func:`truncation_report` measures how many.
+Templates, order and option format are those of MILE's released ``RAD_instruction_data.json``: a CLOSED question
+gets all six (the third "judgmental"), an OPEN one the five others. Options: the answer plus the opposite Yes/No
+(``(a)yes; (b)No``), else up to three answers of the split, same content type first (MILE drew its own at
+random: only their kind can match its file); shuffled once per record. :func:`truncation_report` measures how
+many prompts the reference's 35-token limit cuts.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ INSTRUCTION_TEMPLATES: tuple[str, ...] = (
     '<image>What is the answer to the following question?"{$question}"',
 )
 JUDGMENT_TEMPLATE = 2  # CLOSED questions only
-EVAL_TEMPLATE = 0
 
 
 class InstructionFormatter:
@@ -82,11 +80,9 @@ def write_instruction_json(records: Iterable[Record], path: str | Path, *, seed:
 
 def truncation_report(records: Sequence[Record], tokenizer: Any, *, max_tokens: int = 35,
                       formatter: InstructionFormatter | None = None) -> dict[str, Any]:
-    """How many prompts a ``max_tokens`` limit (counting [CLS]/[SEP], as BLIP's tokenizer call does) cuts.
-
-    Prompts are every template of every record (with ``formatter``), else each record's ``prompts`` or its
-    question. Returns overall and per-template counts and fractions.
-    """
+    """How many prompts a ``max_tokens`` limit (counting [CLS]/[SEP], as BLIP's tokenizer call does) cuts: overall,
+    and per template when ``formatter`` gives every template of every record (else each record's ``prompts`` or
+    question)."""
     per_template: dict[int | str, list[int]] = {}
     for rec in records:
         pairs = formatter.filled(rec) if formatter is not None else [("prompt", t) for t in

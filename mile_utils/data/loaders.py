@@ -1,18 +1,16 @@
-"""Every dataset source read into plain lists of :class:`~mile_utils.data.records.Record`.
-
-Local copies come first; the Hugging Face hub is used only when asked (``--hub`` / ``hub=True``), so an
-offline machine never waits on the network and never silently substitutes another dataset.
-"""
+"""Every dataset source read into plain lists of :class:`~mile_utils.data.records.Record`. Local copies only,
+unless the Hugging Face hub is asked for (``--hub`` / ``hub=True``): offline, nothing waits on the network."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import zipfile
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from ..files import atomic_folder
 from .records import SPLITS, Record, collect, is_yes_no, normalize_split
 from .synthetic import default_cache_dir, synthetic_dir
 
@@ -64,22 +62,19 @@ def _slake(root: Path, split: str, lang: str | None, images: Path | None = None)
     if not (root / "train.json").is_file() and (root / "Slake1.0").is_dir():
         root = root / "Slake1.0"
     # filtered by language, yet each record keeps its position in the file
-    return [{**raw, "image_root": str(images or root / "imgs"),
-             "meta": {k: raw[k] for k in ("img_id", "location", "modality", "base_type", "triple") if k in raw}}
-            for raw in _read_json_list(_split_file(root, split))
+    return [{**raw, "image_root": str(images or root / "imgs")} for raw in _read_json_list(_split_file(root, split))
             if lang is None or "bad" in raw or str(raw.get("q_lang") or "en") == lang]
 
 
 def _slake_hub(repo_id: str, split: str, lang: str | None) -> list[dict[str, Any]]:
-    snap = _hub_snapshot(repo_id)  # BoKelvin/SLAKE ships its images as imgs.zip: unpacked once into the cache
-    images = default_cache_dir() / f"slake-hub-{hashlib.sha256(str(snap).encode()).hexdigest()[:12]}"
-    if not (snap / "imgs").is_dir() and not (images / ".complete").is_file():
+    snap, images = _hub_snapshot(repo_id), None
+    if not (snap / "imgs").is_dir():  # BoKelvin/SLAKE ships its images as imgs.zip: unpacked once into the cache
         if not (snap / "imgs.zip").is_file():
             raise FileNotFoundError(f"hub dataset {repo_id!r} has neither imgs/ nor imgs.zip in {snap}")
-        with zipfile.ZipFile(snap / "imgs.zip") as zf:
-            zf.extractall(images)
-        (images / ".complete").write_text("ok", encoding="utf-8")
-    images = snap / "imgs" if (snap / "imgs").is_dir() else images / "imgs" if (images / "imgs").is_dir() else images
+        images = default_cache_dir() / f"slake-hub-{hashlib.sha256(str(snap).encode()).hexdigest()[:12]}"
+        if not images.is_dir():
+            atomic_folder(images, lambda tmp: shutil.unpack_archive(snap / "imgs.zip", tmp), done="imgs")
+        images = images / "imgs" if (images / "imgs").is_dir() else images
     return _slake(snap, split, lang, images)
 
 
@@ -90,14 +85,11 @@ def _parquet_split(file: Path) -> str | None:
 
 
 def _vqa_rad(target: Path, split: str, images: Path | None) -> list[dict[str, Any]]:
-    """The OSF release (``VQA_RAD Dataset Public.json`` + ``VQA_RAD Image Folder/``; ``phrase_type``
-    test_freeform/test_para = test) and the hub's parquet (``flaviagiammarino/vqa-rad``: image, question,
-    answer) read by one path. The hub has no answer type (CLOSED = a yes/no answer) and no qid
-    (``<split>_<row>``); its images live in the file, named by a hash of their bytes. OSF ``qid`` is used when
-    distinct (else the position), ``question_type`` becomes ``content_type``."""
+    """The OSF release (``VQA_RAD Dataset Public.json`` + ``VQA_RAD Image Folder/``; ``phrase_type`` test_* =
+    test; its ``qid`` when distinct, else the position) and the hub's parquet (``flaviagiammarino/vqa-rad``: image,
+    question, answer; no answer type: CLOSED = yes/no; qid ``<split>_<row>``; images named by their bytes' hash)."""
     import pyarrow.parquet as pq
 
-    split = normalize_split(split, ("train", "test"), "vqa-rad")
     if target.is_dir() and (target / OSF_VQA_RAD_JSON).is_file():
         target = target / OSF_VQA_RAD_JSON
     held = _parquet_split(target) if target.suffix.lower() == ".parquet" else split
@@ -136,9 +128,8 @@ def _vqa_rad(target: Path, split: str, images: Path | None) -> list[dict[str, An
             elif osf and OSF_PHRASES[phrase] != split:
                 continue
             elif osf:
-                meta = {k: raw[k] for k in ("phrase_type", "image_organ", "qid_linked_id") if k in raw}
                 raw.update(img_name=raw.get("image_name"), content_type=raw.get("question_type"),
-                           image_root=str(folder), meta=meta)
+                           image_root=str(folder))
             elif image.get("bytes") is None:
                 raw["bad"] = ("image", "no image bytes in this row")
             else:
@@ -150,11 +141,9 @@ def _vqa_rad(target: Path, split: str, images: Path | None) -> list[dict[str, An
 
 
 def _instruction(path: Path, split: str, images: Path | None) -> list[dict[str, Any]]:
-    """MILE's instruction JSON: ``{img_name, qid, answer, question_pool: [prompt, ...]}`` per record.
-
-    ``Record.prompts`` keeps the pool (see :class:`~mile_utils.data.transforms.VQADataset`), ``question`` is
-    its first prompt; without ``answer_type``, CLOSED means a yes/no answer. Images are under ``images``
-    (default: the file's folder, or its ``imgs/`` subfolder when there is one)."""
+    """MILE's instruction JSON: ``{img_name, qid, answer, question_pool: [prompt, ...]}`` per record -> ``prompts``
+    the pool, ``question`` its first prompt; without ``answer_type``, CLOSED = yes/no. Images under ``images``
+    (default: the file's folder, or its ``imgs/`` subfolder)."""
     path = _split_file(path, split) if path.is_dir() else path
     images = images or (path.parent / "imgs" if (path.parent / "imgs").is_dir() else path.parent)
     rows = _read_json_list(path)

@@ -34,13 +34,9 @@ def is_yes_no(answer: str) -> bool:
 
 @dataclass(frozen=True)
 class Record:
-    """One VQA question about one image, in SLAKE's field names.
-
-    ``qid`` is the key everything is matched on (metrics, predictions files); it is unique within a split.
-    The image is ``image_root / img_name`` on disk, or ``image_bytes`` for sources that ship images inside a
-    file (hub parquet). ``prompts`` holds instruction-format prompts (MILE's ``question_pool``) when present.
-    ``where`` is (file, position of the record in that file), for messages.
-    """
+    """One VQA question about one image, in SLAKE's field names. ``qid`` (unique within a split) is what metrics
+    and predictions match on. The image is ``image_root / img_name``, or ``image_bytes`` for sources that ship
+    images inside a file (hub parquet). ``prompts``: MILE's instruction ``question_pool``, when there is one."""
 
     img_name: str
     question: str
@@ -52,9 +48,7 @@ class Record:
     image_root: str | None = None
     q_lang: str = "en"
     prompts: tuple[str, ...] = ()
-    meta: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
     image_bytes: bytes | None = field(default=None, repr=False, compare=False, hash=False)
-    where: tuple[str, int] | None = field(default=None, repr=False, compare=False, hash=False)
 
     @property
     def is_closed(self) -> bool:
@@ -77,7 +71,7 @@ class Record:
 
 
 def open_image(path: Path | None, data: bytes | None, decode: bool = True) -> Image.Image | None:
-    """RGB image from embedded bytes or a file (``decode=False``: only check it is there); FileNotFoundError
+    """RGB image from embedded bytes or a file (``decode=False``: only check it is there); else FileNotFoundError
     or ValueError saying what is wrong."""
     if data is None and (path is None or not path.is_file()):
         raise FileNotFoundError(f"image file {path} not found" if path else "no image: no file, no embedded bytes")
@@ -90,7 +84,7 @@ def open_image(path: Path | None, data: bytes | None, decode: bool = True) -> Im
         raise ValueError(f"image {path if data is None else 'bytes'} is unreadable: {err}") from err
 
 
-def describe(problem: Mapping[str, Any]) -> str:
+def _describe(problem: Mapping[str, Any]) -> str:
     return (f"{problem['file']}: record {problem['index']} (qid={problem['qid']!r}), "
             f"field {problem['field']!r}: {problem['message']}")
 
@@ -145,15 +139,15 @@ def collect(rows: Iterable[Mapping[str, Any]], *, dataset: str, split: str, sour
             answer_type=str(raw["answer_type"]).strip().upper(), qid=raw["qid"], split=split,
             content_type=str(raw.get("content_type") or "unknown").strip(), image_root=raw.get("image_root"),
             q_lang=str(raw.get("q_lang") or "en"), prompts=tuple(raw.get("prompts") or ()),
-            meta=dict(raw.get("meta") or {}), image_bytes=raw.get("image_bytes"), where=(raw["file"], raw["index"])))
+            image_bytes=raw.get("image_bytes")))
     if problems and not skip_bad:
         more = f"{len(problems) - 1} more bad records; " if len(problems) > 1 else ""
         error = FileNotFoundError if "not found" in problems[0]["message"] else ValueError
-        raise error(f"{describe(problems[0])} ({more}{SKIP_HINT})")
+        raise error(f"{_describe(problems[0])} ({more}{SKIP_HINT})")
     if not records:
         raise ValueError(f"{source}: split {split!r} of dataset {dataset!r} has no usable records{empty_hint}"
                          + (f" ({len(problems)} skipped as bad)" if problems else ""))
     if problems:
         warnings.warn(f"skipped {len(problems)} bad records of {source} (skip_bad): "
-                      + "; ".join(describe(p) for p in problems[:5]), stacklevel=3)
+                      + "; ".join(_describe(p) for p in problems[:5]), stacklevel=3)
     return records, problems

@@ -20,11 +20,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 @dataclass(frozen=True)
 class ImageTransform:
     """PIL image -> float tensor (3, size, size): bicubic resize, CLIP mean/std normalisation (BLIP eval).
-
-    ``reference_quirk=True`` reproduces the MILE reference code instead: no mean/std normalisation and the
-    pixels divided by 255 twice (``ToTensor`` scales to [0, 1], the code divides again), so the model sees
-    values in [0, 1/255], far from what a pretrained ViT was trained on. Only to reproduce its numbers.
-    """
+    ``reference_quirk=True``: the MILE reference code's instead, no normalisation and the pixels divided by 255
+    twice (``ToTensor``, then the code), so the model sees [0, 1/255]. Only to reproduce its numbers."""
 
     image_size: int
     reference_quirk: bool = False
@@ -43,22 +40,10 @@ class ImageTransform:
         return (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
 
 
-def unique_image_tensors(records: Sequence[Record], transform: ImageTransform) -> dict[str, torch.Tensor]:
-    """One tensor per distinct image (by ``img_name``), each decoded once: SLAKE asks ~10 questions per image."""
-    out: dict[str, torch.Tensor] = {}
-    for rec in records:
-        if rec.img_name not in out:
-            out[rec.img_name] = transform(rec.load_image())
-    return out
-
-
 class VQADataset:
     """Records + an image transform, read by the engine's collator (``question_text(i)``, ``pixels(i)``).
-
-    Records carrying instruction prompts (``Record.prompts``) give a prompt drawn per record and epoch when
-    ``train=True`` (see :meth:`set_epoch`), else the first prompt, as MILE trained and evaluated. Decoded
-    images are kept in memory when small (<= 128 px): a tiny-profile epoch decodes nothing after the first.
-    """
+    Instruction records (``Record.prompts``) give a prompt drawn per record and epoch when ``train`` (see
+    :meth:`set_epoch`), else the first, as MILE did. Small decoded images (<= 128 px) are kept in memory."""
 
     def __init__(self, records: Sequence[Record], transform: ImageTransform, *, train: bool = False, seed: int = 0,
                  cache_images: bool | None = None) -> None:
