@@ -2,19 +2,18 @@
 
 Settings (the reference study's for its four methods; peft's defaults for the newer ones unless said):
 * ``lora``: rank r (4 or 8), alpha 32, dropout 0.1 on :data:`LORA_TARGETS` (text: ``query``/``value`` of self-
-  and cross-attention; ViT: every Linear and the patch-embedding Conv2d, as the reference); ``dora`` and
-  ``qlora``: the same with peft's weight decomposition, or on a 4-bit NF4 base (bitsandbytes, CUDA only).
-* ``loha``, ``lokr`` (rank r), ``adalora`` (target rank r, init_r 12, the spec's ``total_step``), ``oft`` (block
-  size 32): the LoRA targets; ``vera`` (r 256, projections from peft's PRNG key, not saved): those that are
-  Linear (peft's VeRA has no Conv2d layer); ``ln``: every LayerNorm of the component.
-* ``ia3``: text ``key``, ``value``, ``output.dense`` (feed-forward ``output.dense``); ViT ``qkv`` and
-  ``projection`` (feed-forward): the one choice giving the paper's 0.061% for IA3/IA3/IA3 (fc2 as feed-forward
-  gives 0.071%, qkv alone 0.059%, qkv + fc2 0.069%).
+  and cross-attention; ViT: every Linear and the patch Conv2d, as the reference); ``dora``/``qlora``: the same
+  with peft's weight decomposition / on a 4-bit NF4 base (bitsandbytes, CUDA only). ``loha``, ``lokr`` (rank r),
+  ``adalora`` (target rank r, init_r 12, ``total_step``): the LoRA targets; ``vera`` (r 256, projections from
+  peft's PRNG key, not saved), ``oft`` (block size 32): their Linears (peft's VeRA has no Conv2d; peft 0.21's OFT
+  Conv2d is no identity at init: it sums the stride-1 patches it folds back); ``ln``: the LayerNorms.
+* ``ia3``: text ``key``, ``value``, ``output.dense`` (feed-forward ``output.dense``), ViT ``qkv``, ``projection``
+  (feed-forward): the one choice giving the paper's 0.061% for IA3/IA3/IA3.
 * ``prefix`` (10 virtual tokens, peft's projection MLP), ``ptv2`` (none), text stacks only: peft's
   ``PrefixEncoder``, whose keys/values we prepend in every self-attention layer of the component (peft injects
-  prefixes only for a whole model; the reference's JTM prefix was a no-op).
-peft's tuners adapt each component in place: the model stays a ``BlipForQuestionAnswering`` whose components
-can be called alone and whose ``generate`` works. Load base weights before :func:`apply_spec`.
+  prefixes only for a whole model). The reference's JTM prefix was a no-op: ``jtm_prefix_noop`` reproduces it.
+peft's tuners adapt each component in place: the model stays a ``BlipForQuestionAnswering`` (components callable
+alone, ``generate`` works). Load base weights before :func:`apply_spec`.
 """
 
 from __future__ import annotations
@@ -43,12 +42,11 @@ RANKED = ("lora", "dora", "qlora", "loha", "lokr", "adalora")  # the methods the
 REFUSED: dict[tuple[str, str], str] = {  # (component, method): why it cannot be applied there
     ("vit", m): "the ViT has no token prompt to prepend to (the study tunes prefixes of the text stacks only)"
     for m in ("prefix", "ptv2")}
-_TEXT_QV = ("query", "value")
 LORA_TARGETS: dict[str, tuple[str, ...]] = {"vit": ("qkv", "projection", "fc1", "fc2", "patch_embedding"),
-                                            "jtm": _TEXT_QV, "dec": _TEXT_QV}
-_TEXT_IA3 = (("key", "value", "output.dense"), ("output.dense",))
+                                            **dict.fromkeys(("jtm", "dec"), ("query", "value"))}
 IA3_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # (targets, feed-forward targets)
-    "vit": (("qkv", "projection"), ("projection",)), "jtm": _TEXT_IA3, "dec": _TEXT_IA3}
+    "vit": (("qkv", "projection"), ("projection",)), **dict.fromkeys(("jtm", "dec"), (
+        ("key", "value", "output.dense"), ("output.dense",)))}
 SPEC_ATTR = "mile_adapter_spec"  # set on the model by apply_spec: which spec it carries
 PREFIX_ATTR = "prefix_encoder"  # the PrefixEncoder's attribute on a text component
 TUNER_ATTR = "_mile_tuner"  # plain (unregistered) reference from a component to its peft tuner (AdaLoRA's budget)
@@ -67,6 +65,9 @@ class AdapterSpec:
     lora_dropout: float = 0.1
     num_virtual_tokens: int = 10
     total_step: int = 1000  # AdaLoRA's budget schedule length: set it to the run's optimiser steps
+    # True reproduces the reference code's defect (chapter 10 measures it): the JTM's prefix encoder is built,
+    # counted as trainable and saved, but never reaches the attention, so the JTM runs as if frozen
+    jtm_prefix_noop: bool = False
 
     def __post_init__(self) -> None:
         lookup = {m.lower(): m for m in METHODS}
@@ -78,15 +79,14 @@ class AdapterSpec:
             if (comp, method) in REFUSED:
                 raise ValueError(f"{comp}: {method} is not supported: {REFUSED[comp, method]}")
             object.__setattr__(self, comp, method)
-        for name, ok, expected in (
-            ("rank", type(self.rank) is int and self.rank >= 1, "a positive integer"),
-            ("lora_alpha", isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0, "a positive number"),
-            ("lora_dropout", isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1,
-             "a number in [0, 1)"),
-            ("num_virtual_tokens", type(self.num_virtual_tokens) is int and self.num_virtual_tokens >= 1,
-             "a positive integer"),
-            ("total_step", type(self.total_step) is int and self.total_step >= 1, "a positive integer"),
-        ):
+        alpha, dropout, noop = self.lora_alpha, self.lora_dropout, self.jtm_prefix_noop
+        checks = {k: (type(getattr(self, k)) is int and getattr(self, k) >= 1, "a positive integer")
+                  for k in ("rank", "num_virtual_tokens", "total_step")} | {
+            "lora_alpha": (isinstance(alpha, (int, float)) and alpha > 0, "a positive number"),
+            "lora_dropout": (isinstance(dropout, (int, float)) and 0 <= dropout < 1, "a number in [0, 1)"),
+            "jtm_prefix_noop": (noop is False or (noop is True and self.jtm in ("prefix", "ptv2")),
+                                "False, or True when jtm is prefix or ptv2")}
+        for name, (ok, expected) in checks.items():
             if not ok:
                 raise ValueError(f"AdapterSpec.{name}: expected {expected}, got {getattr(self, name)!r}")
 
@@ -109,10 +109,9 @@ class AdapterSpec:
         return {comp: getattr(self, comp) for comp in COMPONENTS}
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        if "adalora" not in self.methods.values():  # keeps the identity of runs that do not use it unchanged
-            del data["total_step"]
-        return data
+        """The fields, less those that do not act here (the identity of runs without them stays as it was)."""
+        unused = {"total_step": "adalora" not in self.methods.values(), "jtm_prefix_noop": not self.jtm_prefix_noop}
+        return {k: v for k, v in asdict(self).items() if not unused.get(k)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdapterSpec:
@@ -122,21 +121,19 @@ class AdapterSpec:
         return cls(**data)
 
 
-
 def _peft_config(spec: AdapterSpec, comp: str, component: nn.Module) -> peft.PeftConfig:
-    method, targets = getattr(spec, comp), list(LORA_TARGETS[comp])
+    method, targets, (ia3, ia3_ff) = getattr(spec, comp), list(LORA_TARGETS[comp]), IA3_TARGETS[comp]
+    linear = [t for t in targets if t != "patch_embedding"]  # VeRA, OFT: no Conv2d (module docstring)
     lora = {"r": spec.rank, "lora_alpha": spec.lora_alpha, "lora_dropout": spec.lora_dropout, "bias": "none"}
-    ia3, ia3_ff = IA3_TARGETS[comp]
     norms = sorted({n.rsplit(".", 1)[-1] for n, m in component.named_modules() if isinstance(m, nn.LayerNorm)})
     cls, options = {
         "lora": (peft.LoraConfig, lora), "qlora": (peft.LoraConfig, lora),
         "dora": (peft.LoraConfig, {**lora, "use_dora": True}),
         "ia3": (peft.IA3Config, {"target_modules": list(ia3), "feedforward_modules": list(ia3_ff)}),
-        "vera": (peft.VeraConfig, {"target_modules": [t for t in targets if t != "patch_embedding"],
-                                   "save_projection": False}),
+        "vera": (peft.VeraConfig, {"target_modules": linear, "save_projection": False}),
         "loha": (peft.LoHaConfig, {"r": spec.rank}), "lokr": (peft.LoKrConfig, {"r": spec.rank}),
         "adalora": (peft.AdaLoraConfig, {"target_r": spec.rank, "total_step": spec.total_step}),
-        "oft": (peft.OFTConfig, {}), "ln": (peft.LNTuningConfig, {"target_modules": norms}),
+        "oft": (peft.OFTConfig, {"target_modules": linear}), "ln": (peft.LNTuningConfig, {"target_modules": norms}),
     }[method]
     return cls(**{"target_modules": targets, **options})
 
@@ -145,14 +142,11 @@ def _prefix_attention(self: nn.Module, hidden_states: torch.Tensor, attention_ma
                       encoder_hidden_states: None = None, encoder_attention_mask: None = None, cache: Any = None,
                       **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """``BlipTextSelfAttention.forward`` (eager) with the component's P prefix keys/values prepended.
-
     peft views the encoder output (P, layers*2*hidden) as (P, layers*2, heads, head_dim), slot 2i = layer i's
-    keys, 2i+1 its values; we compute only this layer's slice. The prefix joins AFTER the KV-cache update, so the
-    generation cache never stores it (positions and beam reordering unchanged); the additive mask gets P
-    visible columns on the left; the prefix is expanded to the batch at hand (beam search's too).
-    """
-    if cache is None:
-        cache = kwargs.pop("past_key_values", None)
+    keys, 2i+1 its values: we compute this layer's slice only. The prefix joins AFTER the KV-cache update (the
+    cache never stores it: positions, beam reordering unchanged), P visible mask columns on the left, expanded
+    to the batch at hand (beam search's too)."""
+    cache = kwargs.pop("past_key_values", None) if cache is None else cache
     shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
     query, key, value = (f(hidden_states).view(shape).transpose(1, 2) for f in (self.query, self.key, self.value))
     if cache is not None:
@@ -182,7 +176,7 @@ def _prefix_attention(self: nn.Module, hidden_states: torch.Tensor, attention_ma
     return context.view(*context.shape[:-2], self.all_head_size), probs
 
 
-def _add_prefix(spec: AdapterSpec, component: nn.Module, method: str) -> None:
+def _add_prefix(spec: AdapterSpec, component: nn.Module, method: str, inject: bool) -> None:
     text = getattr(component, "bert", component)  # the decoder wraps its BERT stack as ``bert``
     cfg = text.config
     config = peft.PrefixTuningConfig(
@@ -191,7 +185,7 @@ def _add_prefix(spec: AdapterSpec, component: nn.Module, method: str) -> None:
         num_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads, num_transformer_submodules=1)
     with torch.device(next(component.parameters()).device):
         setattr(component, PREFIX_ATTR, peft.PrefixEncoder(config))
-    for layer in text.encoder.layer:  # self-attention only, never the cross-attention
+    for layer in text.encoder.layer if inject else ():  # self-attention only, never the cross-attention
         # a plain attribute, not a submodule: the component must not appear inside itself once per layer
         object.__setattr__(layer.attention.self, "_mile_prefix_owner", component)
         layer.attention.self.forward = types.MethodType(_prefix_attention, layer.attention.self)
@@ -214,18 +208,14 @@ def _quantize_4bit(component: nn.Module, comp: str) -> None:
                 setattr(parent, name, layer.cuda())
 
 
-
 def apply_spec(model: nn.Module, spec: AdapterSpec | str, *, seed: int | None = None) -> nn.Module:
     """Freeze ``model``, then make each component trainable, adapt it, or leave it frozen; returns ``model``.
-
-    ``seed`` seeds the adapters' initialisation (the global RNG is restored afterwards). On the meta device
-    peft creates the adapter weights there too (parameter accounting without memory).
-    """
+    ``seed`` seeds the adapters' initialisation (the global RNG is restored after); on the meta device peft
+    creates the adapter weights there too (parameter accounting without memory)."""
     spec = AdapterSpec.parse(spec)
     if getattr(model, SPEC_ATTR, None) is not None:
         raise ValueError(f"model already carries adapter spec {getattr(model, SPEC_ATTR)}; build a fresh model")
-    missing = [attr for attr in COMPONENTS.values() if not hasattr(model, attr)]
-    if missing:
+    if missing := [attr for attr in COMPONENTS.values() if not hasattr(model, attr)]:
         raise ValueError(f"apply_spec expects a BlipForQuestionAnswering; the model has no {missing}")
     with torch.random.fork_rng(devices=[], enabled=seed is not None):  # the CPU generator is restored after
         if seed is not None:
@@ -236,7 +226,7 @@ def apply_spec(model: nn.Module, spec: AdapterSpec | str, *, seed: int | None = 
             if method == "T":
                 component.requires_grad_(True)
             elif method in ("prefix", "ptv2"):
-                _add_prefix(spec, component, method)
+                _add_prefix(spec, component, method, inject=not (comp == "jtm" and spec.jtm_prefix_noop))
             elif method in PEFT:
                 if method == "qlora":
                     _quantize_4bit(component, comp)
@@ -256,22 +246,17 @@ def apply_spec(model: nn.Module, spec: AdapterSpec | str, *, seed: int | None = 
 def adapter_step(model: nn.Module, step: int) -> None:
     """AdaLoRA's rank budget update (peft's ``update_and_allocate``) for each AdaLoRA component: call it after
     ``optimizer.step()`` and before ``zero_grad()`` with the 0-based global step. No-op for other methods."""
-    for comp, method in getattr(model, SPEC_ATTR).methods.items():
-        if method == "adalora":
-            getattr(getattr(model, COMPONENTS[comp]), TUNER_ATTR).update_and_allocate(step)
-
+    for comp in (c for c, m in getattr(model, SPEC_ATTR).methods.items() if m == "adalora"):
+        getattr(getattr(model, COMPONENTS[comp]), TUNER_ATTR).update_and_allocate(step)
 
 
 def count_parameters(model: nn.Module, spec: AdapterSpec | str | None = None) -> dict[str, Any]:
-    """Trainable and total parameters, whole model and per component.
-
-    ``total`` includes adapter parameters; tied/shared parameters count once (``parameters()`` de-duplicates);
-    ``percent`` = 100 * trainable / total. ``adapter`` (per component) is what the method added and trains.
-    """
+    """Trainable and total parameters, whole model and per component: ``total`` includes adapter parameters,
+    tied ones count once (``parameters()`` de-duplicates); ``percent`` = 100 * trainable / total; ``adapter`` (per
+    component) is what the method added and trains (a no-op JTM prefix included, as the reference counted it)."""
     spec = AdapterSpec.parse(spec) if spec is not None else getattr(model, SPEC_ATTR, None)
     params = list(model.parameters())
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    total = sum(p.numel() for p in params)
+    trainable, total = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
     components: dict[str, dict[str, Any]] = {}
     for comp, attr in COMPONENTS.items():
         own = list(getattr(model, attr).parameters())
@@ -289,7 +274,6 @@ def parameter_report(spec: AdapterSpec | str, profile: str | Profile = "paper") 
     spec = AdapterSpec.parse(spec)
     model = apply_spec(build_model(profile, device="meta"), spec)
     return {"spec": str(spec), "profile": get_profile(profile).name, **count_parameters(model, spec)}
-
 
 
 def _component_state(component: nn.Module, method: str) -> dict[str, torch.Tensor]:
@@ -314,12 +298,11 @@ def save_adapters(model: nn.Module, spec: AdapterSpec | str | None, directory: s
     carried: AdapterSpec | None = getattr(model, SPEC_ATTR, None)
     if carried is None or (spec is not None and AdapterSpec.parse(spec) != carried):
         raise ValueError(f"save_adapters: the model carries spec {carried}, not {spec}; call apply_spec first")
-    spec = carried
-    state = {f"{comp}.{key}": tensor.detach().contiguous() for comp, method in spec.methods.items() if method != "F"
-             for key, tensor in _component_state(getattr(model, COMPONENTS[comp]), method).items()}
+    state = {f"{comp}.{key}": tensor.detach().contiguous() for comp, method in carried.methods.items()
+             if method != "F" for key, tensor in _component_state(getattr(model, COMPONENTS[comp]), method).items()}
     root = Path(directory)
-    atomic_write(root / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"spec": str(spec)}))
-    write_json(root / SPEC_FILE, spec.to_dict())
+    atomic_write(root / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"spec": str(carried)}))
+    write_json(root / SPEC_FILE, carried.to_dict())
     return root
 
 
@@ -328,7 +311,7 @@ def load_adapters(model: nn.Module, spec: AdapterSpec | str | None, directory: s
     the saved spec applied first) and return it; ``spec``, if given, must be the saved one. peft components
     load with peft's ``set_peft_model_state_dict``."""
     root = Path(directory)
-    spec_path, path = root / SPEC_FILE, root / WEIGHTS_FILE
+    spec_path, path = root / SPEC_FILE, root / WEIGHTS_FILE  # written by save_adapters
     if not spec_path.is_file() or not path.is_file():
         raise FileNotFoundError(f"{root}: expected {SPEC_FILE} and {WEIGHTS_FILE} (written by save_adapters)")
     saved = AdapterSpec.from_dict(json.loads(spec_path.read_text(encoding="utf-8")))
@@ -338,9 +321,7 @@ def load_adapters(model: nn.Module, spec: AdapterSpec | str | None, directory: s
     if carried is None:
         apply_spec(model, saved)
     state, loaded = load_file(str(path)), 0
-    for comp, method in saved.methods.items():
-        if method == "F":
-            continue
+    for comp, method in ((c, m) for c, m in saved.methods.items() if m != "F"):
         component = getattr(model, COMPONENTS[comp])
         part = {k.split(".", 1)[1]: v for k, v in state.items() if k.split(".", 1)[0] == comp}
         want = {k: tuple(v.shape) for k, v in _component_state(component, method).items()}
