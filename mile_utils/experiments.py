@@ -95,9 +95,10 @@ class RunConfig:
 
     @property
     def slug(self) -> str:
-        """A folder name for the run: ``F-lora-lora-r4``, ``T-T-T``."""
+        """A folder name for the run: ``F-lora-lora-r4``, ``T-T-T``, ``F-prefix-F-noop`` (the reference's defect)."""
         ranked = any(m in RANKED for m in self.spec.methods.values())
-        return self.spec_str.replace("/", "-") + (f"-r{self.spec.rank}" if ranked else "")
+        return (self.spec_str.replace("/", "-") + (f"-r{self.spec.rank}" if ranked else "")
+                + ("-noop" if self.spec.jtm_prefix_noop else ""))
 
     def resolved(self) -> RunConfig:
         """A copy with the profile's defaults filled in and ``out`` set."""
@@ -229,8 +230,7 @@ def run_experiment(config: RunConfig, resume: bool = False, *, skip_finished: bo
         return done  # found wherever the folder lies now, even read-only
     try:  # fail before any training if out cannot hold the results (not after an hour of GPU time)
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("ok", encoding="utf-8")
+        (probe := out / f".write-test-{os.getpid()}").write_text("ok", encoding="utf-8")
         probe.unlink()
     except OSError as err:
         raise PermissionError(f"output directory {out} is not writable ({err.strerror or err}): "
@@ -258,27 +258,20 @@ def run_experiment(config: RunConfig, resume: bool = False, *, skip_finished: bo
             label_smoothing=cfg.label_smoothing, reference_quirk=cfg.reference_quirk, progress=progress)
         eval_seconds = time.perf_counter() - eval_start
         save_adapters(model, cfg.spec, out / WEIGHTS_DIR)
+        train_s = trained["train_seconds"]
         write_json(out / RESULTS_NAME, {
-            "config": cfg.to_dict(),
-            "identity": identity,
-            "params": count_parameters(model, cfg.spec),
-            "metrics": evaluated["metrics"],
-            "history": trained["history"],
+            "config": cfg.to_dict(), "identity": identity, "params": count_parameters(model, cfg.spec),
+            "metrics": evaluated["metrics"], "history": trained["history"],
             "data": {"train": len(train_records), "eval": len(eval_records), "eval_split": cfg.eval_split,
                      "train_images": len({r.img_name for r in train_records})},
-            "timing": {
-                "wall_s": round(time.perf_counter() - wall_start, 3),
-                "train_s": round(trained["train_seconds"], 3),
-                "cache_s": round(trained["cache_seconds"], 3),
-                "eval_s": round(eval_seconds, 3),
-                "train_samples_per_s": round(trained["samples"] / max(trained["train_seconds"], 1e-9), 3),
-                "resumed_from_epoch": trained["resumed_from_epoch"],
-            },
+            "timing": {"wall_s": round(time.perf_counter() - wall_start, 3), "train_s": round(train_s, 3),
+                       "cache_s": round(trained["cache_seconds"], 3), "eval_s": round(eval_seconds, 3),
+                       "train_samples_per_s": round(trained["samples"] / max(train_s, 1e-9), 3),
+                       "resumed_from_epoch": trained["resumed_from_epoch"]},
             "cache": {**trained["cached"], "eval_bytes": evaluated["cache"]["bytes"]},
             # the training loop's peak (reset at its start); the frozen-feature precompute lies on the CPU apart
             "memory": {**trained["memory"], "cache_bytes": trained["cached"]["bytes"]},
-            "environment": environment(acc),
-            "files": {"predictions": "predictions.jsonl", "weights": WEIGHTS_DIR},
+            "environment": environment(acc), "files": {"predictions": "predictions.jsonl", "weights": WEIGHTS_DIR},
         })
         if not keep_checkpoint:
             (out / CHECKPOINT_NAME).unlink(missing_ok=True)
