@@ -3,9 +3,8 @@ loaders, BLIP image preprocessing and MILE's instruction-format prompts."""
 
 from .instruction import INSTRUCTION_TEMPLATES, InstructionFormatter, truncation_report, write_instruction_json
 from .loaders import DATASETS, load_records, summarize_dataset
-from .records import Record, is_yes_no, normalize_split
+from .records import CLIP_MEAN, CLIP_STD, ImageTransform, Record, VQADataset, is_yes_no, normalize_split
 from .synthetic import generate_synthetic, synthetic_dir
-from .transforms import CLIP_MEAN, CLIP_STD, ImageTransform, VQADataset
 
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "DATASETS", "INSTRUCTION_TEMPLATES", "ImageTransform", "InstructionFormatter",
