@@ -22,6 +22,7 @@ import importlib.util
 import json
 import math
 import types
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,8 @@ from .profiles import Profile, get_profile
 PEFT = ("lora", "dora", "qlora", "ia3", "vera", "loha", "lokr", "adalora", "oft", "ln")  # peft tuners in place
 METHODS: tuple[str, ...] = ("F", "T", *PEFT, "prefix", "ptv2")  # the vocabulary of the spec and of the CLI
 RANKED = ("lora", "dora", "qlora", "loha", "lokr", "adalora")  # the methods the spec's rank sets (AdaLoRA: target)
-REFUSED: dict[tuple[str, str], str] = {  # (component, method): why it cannot be applied there
-    ("vit", m): "the ViT has no token prompt to prepend to (the study tunes prefixes of the text stacks only)"
-    for m in ("prefix", "ptv2")}
+REFUSED: dict[tuple[str, str], str] = {("vit", m): "the ViT has no token prompt to prepend to (the study tunes "
+                                       "prefixes of the text stacks only)" for m in ("prefix", "ptv2")}  # the reason
 LORA_TARGETS: dict[str, tuple[str, ...]] = {"vit": ("qkv", "projection", "fc1", "fc2", "patch_embedding"),
                                             **dict.fromkeys(("jtm", "dec"), ("query", "value"))}
 IA3_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # (targets, feed-forward targets)
@@ -51,6 +51,9 @@ SPEC_ATTR = "mile_adapter_spec"  # set on the model by apply_spec: which spec it
 PREFIX_ATTR = "prefix_encoder"  # the PrefixEncoder's attribute on a text component
 TUNER_ATTR = "_mile_tuner"  # plain (unregistered) reference from a component to its peft tuner (AdaLoRA's budget)
 SPEC_FILE, WEIGHTS_FILE = "adapter_spec.json", "adapter_model.safetensors"
+# peft warns on each VeRA config/load without saved projections (ours are rebuilt from peft's PRNG key, as the
+# docstring says) and on each LN-tuning layer (it asks a LayerNorm for in/out features): nothing to act on
+warnings.filterwarnings("ignore", r"(Specified to not (save|load) vera_A|Unsupported layer type .*LayerNorm)")
 
 
 @dataclass(frozen=True)
@@ -143,9 +146,8 @@ def _prefix_attention(self: nn.Module, hidden_states: torch.Tensor, attention_ma
                       **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """``BlipTextSelfAttention.forward`` (eager) with the component's P prefix keys/values prepended.
     peft views the encoder output (P, layers*2*hidden) as (P, layers*2, heads, head_dim), slot 2i = layer i's
-    keys, 2i+1 its values: we compute this layer's slice only. The prefix joins AFTER the KV-cache update (the
-    cache never stores it: positions, beam reordering unchanged), P visible mask columns on the left, expanded
-    to the batch at hand (beam search's too)."""
+    keys, 2i+1 its values: we compute this layer's slice only. It joins AFTER the KV-cache update (the cache never
+    stores it), with P visible mask columns on the left, expanded to the batch at hand (beam search's too)."""
     cache = kwargs.pop("past_key_values", None) if cache is None else cache
     shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
     query, key, value = (f(hidden_states).view(shape).transpose(1, 2) for f in (self.query, self.key, self.value))
@@ -177,8 +179,7 @@ def _prefix_attention(self: nn.Module, hidden_states: torch.Tensor, attention_ma
 
 
 def _add_prefix(spec: AdapterSpec, component: nn.Module, method: str, inject: bool) -> None:
-    text = getattr(component, "bert", component)  # the decoder wraps its BERT stack as ``bert``
-    cfg = text.config
+    cfg = (text := getattr(component, "bert", component)).config  # the decoder wraps its BERT stack as ``bert``
     config = peft.PrefixTuningConfig(
         num_virtual_tokens=spec.num_virtual_tokens, prefix_projection=method == "prefix", token_dim=cfg.hidden_size,
         encoder_hidden_size=cfg.hidden_size,  # peft's default when wrapping a model: the projection is square
@@ -277,8 +278,7 @@ def parameter_report(spec: AdapterSpec | str, profile: str | Profile = "paper") 
 
 
 def _component_state(component: nn.Module, method: str) -> dict[str, torch.Tensor]:
-    """The component's trainable tensors, by peft's keys (relative to the component, no adapter name) for peft
-    tuners, by parameter name for T and the prefix encoders."""
+    """The component's trainable tensors: peft's keys (no adapter name) for peft tuners, else parameter names."""
     if method not in PEFT:
         return {n: p for n, p in component.named_parameters() if p.requires_grad}
     if method != "adalora":
