@@ -1,8 +1,5 @@
 """``mile {params,data,train,bench}`` (or ``python -m mile_utils ...``): the same functions the notebooks call.
-
-The ``train`` flags are generated from :class:`mile_utils.experiments.RunConfig` and the component spec
-(:class:`mile_utils.adapters.AdapterSpec`): one source of truth for names, defaults and help.
-"""
+The flags are generated from ``RunConfig`` and ``AdapterSpec``: one source of truth for names, defaults, help."""
 
 from __future__ import annotations
 

@@ -1,9 +1,7 @@
 """Run one configuration end to end (data -> model -> spec -> train -> evaluate -> results.json), or a grid.
-
-:class:`RunConfig` is the one description of a run: the CLI's flags are generated from its fields. A finished run
-is recognised by its identity: its settings, with the data, starting weights and tokenizer identified by content,
-never by where they or the run folder lie, so a runs folder moved to another machine is reused as is.
-"""
+:class:`RunConfig` is the one description of a run (the CLI's flags are generated from it). A finished run is
+recognised by its identity: its settings, and its data, starting weights and tokenizer by content, never by where
+they or the run folder lie, so a runs folder moved to another machine is reused as is."""
 
 from __future__ import annotations
 
@@ -215,11 +213,8 @@ def build_run(cfg: RunConfig) -> tuple[Any, Any]:
 def run_experiment(config: RunConfig, resume: bool = False, *, skip_finished: bool = False,
                    keep_checkpoint: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train and evaluate ``config``; write ``out/results.json``, ``out/predictions.jsonl``, ``out/weights``.
-
-    ``resume`` continues from ``out/checkpoint.pt`` (written after each epoch); a finished run of the same
-    identity in ``out`` is returned as is when ``resume`` or ``skip_finished``. The per-epoch checkpoint is
-    deleted once results are written unless ``keep_checkpoint``.
-    """
+    ``resume`` continues from ``out/checkpoint.pt`` (written after each epoch, deleted at the end unless
+    ``keep_checkpoint``); with ``resume`` or ``skip_finished`` a finished run of the same identity is returned."""
     cfg = config.resolved()
     out = Path(cfg.out)
     wall_start = time.perf_counter()
