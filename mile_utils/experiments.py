@@ -192,8 +192,10 @@ def _load_data(cfg: RunConfig) -> tuple[list[Any], list[Any]]:
 
 def environment(acc: accelerate.Accelerator) -> dict[str, Any]:
     """Library versions, device and threads: what every results file and benchmark records."""
-    device = acc.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    device, cpuinfo = acc.device, Path("/proc/cpuinfo")  # Linux names the CPU model there; platform rarely does
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else next(
+        (line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
+         if line.startswith("model name")), platform.processor() or platform.machine())
     return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "accelerate": accelerate.__version__, "mile_utils": __version__,
             "platform": platform.platform(), "device": str(device), "device_name": name,
