@@ -12,6 +12,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from accelerate import PartialState
+from transformers.utils import logging
+
+from . import experiments
+from .adapters import AdapterSpec, parameter_report
+from .bench import format_table, run_benchmark
+from .data import summarize_dataset
+from .experiments import RunConfig
+from .train import NonFiniteLossError
+
 
 def _add_fields(p: argparse.ArgumentParser, cls: type, only: Sequence[str] | None = None) -> None:
     """One ``--flag-name`` per dataclass field: its type, default, help and choices; booleans get ``--no-``."""
@@ -29,15 +39,11 @@ def _add_fields(p: argparse.ArgumentParser, cls: type, only: Sequence[str] | Non
         p.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
-def _spec(args: argparse.Namespace) -> Any:
-    from .adapters import AdapterSpec
-
+def _spec(args: argparse.Namespace) -> AdapterSpec:
     return AdapterSpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AdapterSpec)})
 
 
 def cmd_params(args: argparse.Namespace) -> tuple[Any, str]:
-    from .adapters import parameter_report
-
     spec = _spec(args)
     report = parameter_report(spec, profile=args.profile)
     return report, "\n".join([
@@ -47,25 +53,17 @@ def cmd_params(args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def cmd_data(args: argparse.Namespace) -> tuple[Any, str]:
-    from .data import summarize_dataset
-
     summary = summarize_dataset(args.dataset, split=args.split, root=args.root, path=args.path,
                                 skip_bad=args.skip_bad, size=args.size, seed=args.seed, hub=args.hub or False)
     return summary, "\n".join(f"{key}: {value}" for key, value in summary.items())
 
 
 def cmd_train(args: argparse.Namespace) -> tuple[Any, str] | None:
-    from accelerate import PartialState
-
-    from .experiments import RunConfig, run_experiment
-
     config = RunConfig(spec=_spec(args), **{f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
                                              if f.name != "spec"})
     if args.no_progress:  # also transformers' own bars (e.g. "Loading weights" of a checkpoint folder)
-        from transformers.utils import logging
-
         logging.disable_progress_bar()
-    results = run_experiment(config, resume=args.resume, keep_checkpoint=args.keep_checkpoint,
+    results = experiments.run_experiment(config, resume=args.resume, keep_checkpoint=args.keep_checkpoint,
                              progress=not args.no_progress)
     if not PartialState().is_main_process:  # under `accelerate launch`, one report, not one per process
         return None
@@ -76,17 +74,12 @@ def cmd_train(args: argparse.Namespace) -> tuple[Any, str] | None:
 
 
 def cmd_bench(args: argparse.Namespace) -> tuple[Any, str]:
-    from .bench import format_table, run_benchmark
-
     report = run_benchmark(profile=args.profile, steps=args.steps, repeats=args.repeats,
                            batch_size=args.batch_size, specs=args.specs, device=args.device)
     return report, format_table(report)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    from .adapters import AdapterSpec
-    from .experiments import RunConfig
-
     # the usage line names what was run: the `mile` console script, or `python -m mile_utils`
     if prog is None:
         prog = "python -m mile_utils" if Path(sys.argv[0]).name == "__main__.py" else Path(sys.argv[0]).name
@@ -126,8 +119,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .train import NonFiniteLossError
-
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)
