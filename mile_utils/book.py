@@ -1,19 +1,29 @@
-"""What the book's chapters share: their setup, the settings and floors tables, the summary and provenance."""
+"""What the book's chapters share: their setup, run tables with 95 % intervals, the floors, paired tests whose
+verdicts write the chapters' comparisons, seeds, and the provenance box."""
 
 from __future__ import annotations
 
+import hashlib
 import html
+import json
+import subprocess
 from collections.abc import Sequence
+from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import transformers
 from IPython.display import HTML, Markdown
 
 from . import plots
-from .experiments import RunConfig, load_results, paper_rows, pretrained_stand_in, run_grid
+from .experiments import RunConfig, collect_results, load_results, paper_rows, pretrained_stand_in, run_grid
+from .metrics import mcnemar, normalize_answer
 
-# how the chapters' run tables round (accuracy in %: 1 decimal)
+ALPHA = 0.05  # a comparison's verdict: exact McNemar p below this
+QUESTIONS = ("open", "closed", "global")
+# how run tables round (accuracies: 1 decimal, with their interval)
 ROUNDING = {"trainable_pct": 3, "open": 1, "closed": 1, "global": 1, "final_loss": 3, "wall_s": 0}
 SETTINGS = ("profile", "dataset", "size", "epochs", "batch_size", "lr", "min_lr", "weight_decay", "seed", "eval_method")
 
@@ -41,27 +51,129 @@ def settings(base: RunConfig, *spec_fields: str) -> pd.DataFrame:
     return pd.DataFrame({"setting": list(values.values())}, index=list(values)).astype(str)
 
 
+def _correct(rows: Any) -> dict[str, bool]:
+    """qid (as a string, as the metrics match) -> whether the prediction is the answer (normalised exact match)."""
+    return {str(r["qid"]): normalize_answer(r["prediction"]) == normalize_answer(r["answer"]) for r in rows}
+
+
+def _stats(metrics: dict[str, Any]) -> dict[str, float]:
+    return {f"{q}{end}": metrics[q][key] for q in QUESTIONS
+            for end, key in (("", "accuracy"), ("_low", "ci_low"), ("_high", "ci_high"))}
+
+
+def _with_stats(runs: pd.DataFrame) -> pd.DataFrame:
+    """Add each run's label, intervals and per-question ``correct`` (read from its folder)."""
+    def extra(out: str) -> dict[str, Any]:
+        lines = (Path(out) / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
+        return _stats(load_results(out)["metrics"]) | {"correct": _correct(map(json.loads, filter(None, lines)))}
+
+    return runs.assign(run=plots.run_labels(runs), **pd.DataFrame(map(extra, runs["out"]), index=runs.index))
+
+
 def run(configs: Sequence[RunConfig], progress: bool = True) -> pd.DataFrame:
-    """Run the configs (finished runs are read back): the grid's table, with a ``run`` label column."""
-    runs = run_grid(configs, progress=progress)
-    return runs.assign(run=plots.run_labels(runs))
+    """Run the configs (finished runs are read back): the grid's table with a ``run`` label, ``<q>_low/_high``
+    (95 % interval), ``correct`` (qid -> right?) and ``config`` columns."""
+    return _with_stats(run_grid(configs, progress=progress)).assign(config=list(configs))
+
+
+def collect(runs_dir: str | Path) -> pd.DataFrame:
+    """Every run under ``runs_dir`` but the stand-in (trained and tested on another instance of the data) and
+    chapter 10's (``*-beyond``), as :func:`run`'s table (no ``config``) with a ``source`` ("tiny profile, ...")."""
+    every = collect_results(runs_dir)
+    skip = every["out"].astype(str).str.contains(r"tiny-pretrained|-beyond(?:[/\\]|$)")  # stand-in, chapter 10
+    every = _with_stats(every[~skip].reset_index(drop=True))
+    return every.assign(source=every["profile"] + " profile, " + every["dataset"] + " data")
+
+
+def seeds(runs: pd.DataFrame, progress: bool = True, seeds: Sequence[int] = (1, 2),
+          label: str | None = None) -> pd.DataFrame:
+    """The run ``label`` of :func:`run`'s table (default: the best global) again with each training seed of
+    ``seeds`` (same data and starting weights; folders ``<out>-seed<s>``), its own row first."""
+    row = runs[runs["run"] == (label or runs.loc[runs["global"].idxmax(), "run"])]
+    cfg = row["config"].iloc[0]
+    return pd.concat([row, run([replace(cfg, seed=s, out=f"{cfg.out}-seed{s}") for s in seeds], progress)],
+                     ignore_index=True)
+
+
+def seed_summary(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean ± sd over seeds of each configuration (per ``source`` if any) that ran with more than one seed."""
+    groups = runs.groupby([c for c in ("source", "run") if c in runs.columns], sort=False)
+    stats = {f"{q} (mean ± sd)": groups[q].agg(lambda v: f"{v.mean():.1f} ± {v.std():.1f}") for q in QUESTIONS}
+    return pd.DataFrame({"seeds": groups["seed"].agg(lambda v: ", ".join(map(str, sorted(v)))), **stats})[
+        groups.size() > 1]
 
 
 def table(runs: pd.DataFrame, columns: Sequence[str] = tuple(ROUNDING)) -> pd.DataFrame:
-    """The columns of a run table, one row per run, rounded as the book shows them."""
-    return runs.set_index("run")[list(columns)].round(ROUNDING)
+    """Columns of a run (or floors) table as the book shows them: accuracies with their 95 % interval, one
+    decimal; other numbers rounded as ``ROUNDING`` says; nothing missing shown as NaN."""
+    rows = runs.set_index("run") if "run" in runs.columns else runs
+
+    def cell(row: pd.Series, c: str) -> Any:
+        if pd.isna(row[c]):
+            return "–"
+        if f"{c}_low" in row:
+            return f"{row[c]:.1f} ({row[f'{c}_low']:.1f}–{row[f'{c}_high']:.1f})"
+        return f"{row[c]:.{ROUNDING.get(c, 1)}f}" if isinstance(row[c], float) else row[c]
+
+    names = {"trainable_pct": "trainable %", "wall_s": "wall (s)"} | {
+        c: f"{c} % (95% CI)" for c in columns if f"{c}_low" in rows.columns}
+    return pd.DataFrame({names.get(c, c).replace("_", " "): [cell(r, c) for _, r in rows.iterrows()]
+                         for c in columns}, index=rows.index)
 
 
 def floors(base: RunConfig) -> pd.DataFrame:
-    """Test accuracy (%) of the majority answer and of the question-only floor (no image), per question kind."""
+    """Test accuracy (%) of the majority answer and of the question-only floor (no image), per question kind,
+    with intervals and per-question ``correct``, indexed by name (``floor["global"]``: {name: accuracy})."""
     from .data import load_records
     from .metrics import majority_baseline, question_only_baseline
 
     kw = dict(root=base.root, path=base.path, size=base.size, seed=base.data_seed)
     train, test = load_records(base.dataset, "train", **kw), load_records(base.dataset, base.eval_split, **kw)
-    rows = {b["baseline"]: {q: b[q]["accuracy"] for q in ("open", "closed", "global")}
-            for b in (majority_baseline(train, test), question_only_baseline(train, test))}
-    return pd.DataFrame(rows).T.round(1)
+    rows = {b["baseline"]: _stats(b) | {"correct": _correct(
+        {"qid": r.qid, "answer": r.answer, "prediction": b["predictions"][r.qid]} for r in test)}
+        for b in (majority_baseline(train, test), question_only_baseline(train, test))}
+    return pd.DataFrame(list(rows.values()), index=pd.Index(list(rows), name="floor"))
+
+
+def paired_tests(runs: pd.DataFrame, pairs: Sequence[tuple[str, str]]) -> pd.DataFrame:
+    """Exact McNemar test of each pair (A, B) of labels of ``runs`` (a :func:`run`/:func:`collect` table, a
+    :func:`floors` table or both concatenated) on the same questions: accuracies, b, c, p, verdict, sentence."""
+    rows, out = (runs.set_index("run") if "run" in runs.columns else runs), []
+    if not rows.index.is_unique:
+        raise ValueError(f"paired_tests: labels {sorted(set(rows.index[rows.index.duplicated()]))} name several "
+                         "runs (seeds? sources?): pass a table with one run per label")
+    for a, b in pairs:
+        t = {"A": a, "B": b, "A %": rows.loc[a, "global"], "B %": rows.loc[b, "global"],
+             **mcnemar(rows.loc[a, "correct"], rows.loc[b, "correct"])}
+        (win, n_win), (lose, n_lose) = sorted([(a, t["b"]), (b, t["c"])], key=lambda x: -x[1])  # A first on ties
+        t["verdict"] = f"{win} beats {lose}" if t["p"] < ALPHA else "cannot be told apart"
+        numbers = (f"{rows.loc[win, 'global']:.1f}% vs {rows.loc[lose, 'global']:.1f}% of {t['n']} questions; "
+                   f"{n_win} right only for {win}, {n_lose} only for {lose}; exact McNemar "
+                   + ("p < 0.001" if t["p"] < 0.001 else f"p = {t['p']:.3f}"))
+        out.append(t | {"sentence": f"**{win}** beats **{lose}** ({numbers})." if t["p"] < ALPHA else
+                        f"**{win}** and **{lose}** cannot be told apart at this test size ({numbers})."})
+    return pd.DataFrame(out)
+
+
+def compare(runs: pd.DataFrame, pairs: Sequence[tuple[str, str]]) -> Markdown:
+    """:func:`paired_tests`' sentences as a Markdown list."""
+    return Markdown("\n".join("- " + s for s in paired_tests(runs, pairs)["sentence"]))
+
+
+def conclusion(runs: pd.DataFrame, floor: pd.DataFrame, what: str, seeded: pd.DataFrame | None = None) -> Markdown:
+    """The best run of ``runs`` tested against the question-only floor, the runner-up and the worst run, and the
+    mean ± sd over the seeds of ``seeded`` (:func:`seeds`; seed 0 was picked as the best, the others were not)."""
+    ranked = runs.sort_values("global", ascending=False)
+    best, rest, g = ranked.iloc[0], list(ranked["run"].iloc[1:]), None if seeded is None else seeded["global"]
+    text = (f"**{what}** ({best['profile']} profile, {best['dataset']} data): the best configuration is "
+            f"**{best['run']}**, {best['global']:.1f}% of all test questions right (95% interval "
+            f"{best['global_low']:.1f}–{best['global_high']:.1f}), training {best['trainable_pct']:.2f}% of the "
+            "parameters." + ("" if g is None else f" Over training seeds {', '.join(map(str, seeded['seed']))}, "
+                             f"**{seeded['run'].iloc[0]}** scores {g.mean():.1f} ± {g.std():.1f}% (mean ± sd; "
+                             f"{g.min():.1f}–{g.max():.1f})."))
+    pairs = [(best["run"], other) for other in ["question-only", *dict.fromkeys(rest[:1] + rest[-1:])]]
+    both = pd.concat([runs.set_index("run"), floor])
+    return Markdown(text + " Tested on the same questions:\n\n" + compare(both, pairs).data)
 
 
 def paper_table(table: int) -> pd.DataFrame:
@@ -77,25 +189,27 @@ def histories(runs: pd.DataFrame, label: str = "run") -> dict[str, list[float]]:
     return {name: [h["loss"] for h in load_results(out)["history"]] for name, out in outs}
 
 
-def conclusion(runs: pd.DataFrame, floor: pd.DataFrame, what: str) -> Markdown:
-    """A sentence on the best run of ``runs`` against the majority answer, as Markdown."""
-    best, majority = runs.loc[runs["global"].idxmax()], floor.loc["majority", "global"]
-    return Markdown(f"**{what}** ({best['profile']} profile, {best['dataset']} data): the best configuration is "
-                    f"**{best['run']}**, {best['global']:.1f}% of all test questions right ({best['open']:.1f}% "
-                    f"open, {best['closed']:.1f}% closed), training {best['trainable_pct']:.2f}% of the "
-                    f"parameters; the majority answer scores {majority:.1f}%.")
-
-
 def provenance(outs: pd.Series | Sequence[str], title: str = "Provenance of these numbers") -> HTML:
-    """The box naming what produced a chapter's numbers: every distinct profile, dataset, epochs, seed, test
-    size and ``environment`` entry (device, versions) in its runs' ``results.json``."""
+    """The box naming what produced a chapter's numbers: every distinct profile, dataset, epochs, seed, test size,
+    date and ``environment`` entry (device, versions) of its runs, and the date and code of this build."""
     if len(outs) == 0:
         raise ValueError("provenance: no runs to describe (did the runs of this chapter finish?)")
     rows: dict[str, set[str]] = {}
-    for res in map(load_results, outs):
-        found = {k: res["config"][k] for k in ("profile", "dataset", "epochs", "seed")}
-        for key, value in {**found, "test questions": res["data"]["eval"], **res["environment"]}.items():
+    for out in outs:
+        res, date = load_results(out), (Path(out) / "results.json").stat().st_mtime
+        found = {k: res["config"][k] for k in ("profile", "dataset", "epochs", "seed")} | {
+            "test questions": res["data"]["eval"], "run date (UTC)": f"{datetime.fromtimestamp(date, timezone.utc):%F}"}
+        for key, value in (found | res["environment"]).items():
             rows.setdefault(key, set()).add(str(value))
+    here = Path(__file__).parent  # this build's code, by content (sha256 of the sources) and by git commit
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):  # no git: "unknown", as outside a checkout
+        commit = ""
+    code = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(here.rglob("*.py")))).hexdigest()[:12]
+    rows |= {"this build (UTC)": {f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M}"},
+             "code of this build": {f"sources sha256 {code}, commit {commit or 'unknown'}"}}
     paper = rows["profile"] == {"paper"} and rows["dataset"] <= {"slake", "vqa-rad"}
     verdict = ("Paper profile on a real benchmark: these numbers can be compared with the paper's." if paper else
                "These runs use the small <code>tiny</code> profile and/or the built-in dataset: they show how the "
@@ -104,3 +218,47 @@ def provenance(outs: pd.Series | Sequence[str], title: str = "Provenance of thes
                     f"</td></tr>" for k, v in rows.items())
     return HTML(f"<div class='admonition note'><p class='admonition-title'>{html.escape(title)} ({len(outs)} "
                 f"run{'s' if len(outs) != 1 else ''})</p><table>{cells}</table><p>{verdict}</p></div>")
+
+
+# chapter 10 ----------------------------------------------------------------------------------------------------
+SHAPES = ("F/F/x", "F/x/x", "x/x/x")  # chapter 10's grid: a method x on the decoder, the text stacks, everything
+
+
+def method_grid(base: RunConfig, methods: Sequence[str], out_root: str | Path) -> tuple[list[RunConfig], pd.DataFrame]:
+    """Chapter 10's grid: each method in each of ``SHAPES``, and the plan as a table (method x shape: the spec, or
+    why a component refuses it, from ``adapters.REFUSED``). A configuration of the paper's grid runs in
+    ``out_root/<slug>`` (chapters 3-7's run with the same settings is read back), any other in
+    ``<out_root>-beyond/<slug>``, out of chapter 9's collection of the paper's grid."""
+    from .adapters import REFUSED
+    from .model import COMPONENTS
+
+    paper, root = {r["spec"] for r in paper_rows()}, Path(out_root)
+    configs, plan = [], {}
+    for method in methods:
+        for shape in SHAPES:
+            spec = dict(zip(COMPONENTS, shape.replace("x", method).split("/"), strict=True))
+            refused = [f"refused: {c} {m}: {REFUSED[c, m]}" for c, m in spec.items() if (c, m) in REFUSED]
+            if not refused:
+                cfg = replace(base, spec=replace(base.spec, **spec))
+                folder = root if cfg.spec_str in paper else root.with_name(f"{root.name}-beyond")
+                configs.append(replace(cfg, out=str(folder / cfg.slug)))
+            plan.setdefault(method, {})[shape] = refused[0] if refused else "/".join(spec.values())
+    return configs, pd.DataFrame(plan).T.rename_axis("method")
+
+
+def prefix_noop(configs: Sequence[RunConfig]) -> list[RunConfig]:
+    """Chapter 10: the configs with a JTM prefix again with the reference code's no-op prefix (``AdapterSpec``'s
+    ``jtm_prefix_noop``: same parameters, initialisation, seed and budget), each in ``<its folder>-beyond``."""
+    return [replace(c, spec=replace(c.spec, jtm_prefix_noop=True), out=str(
+        Path(c.out).parent.with_name(Path(c.out).parent.name.removesuffix("-beyond") + "-beyond")
+        / f"{Path(c.out).name}-noop")) for c in configs if c.spec.jtm in ("prefix", "ptv2")]
+
+
+def method_columns(runs: pd.DataFrame) -> pd.DataFrame:
+    """:func:`run`'s table plus ``method`` (the one method of a chapter-10 run), ``shape`` (``F/x/x``...) and
+    ``s_per_epoch`` (the median wall time of its training epochs, frozen parts' precompute excluded)."""
+    parts = [tuple(row) for row in runs[["vit", "jtm", "dec"]].itertuples(index=False)]
+    return runs.assign(method=[next(m for m in row if m != "F") for row in parts],
+                       shape=["/".join("F" if m == "F" else "x" for m in row) for row in parts],
+                       s_per_epoch=[float(pd.Series([h["seconds"] for h in load_results(o)["history"]]).median())
+                                    for o in runs["out"]])

@@ -1,9 +1,7 @@
-"""Med-VQA metrics, matched by ``qid`` (never by list order), with Wilson 95 % intervals, in percent.
+"""Med-VQA metrics in percent, matched by ``qid`` (never list order), with Wilson 95 % intervals; floors; McNemar.
 
-"Closed" has two definitions in the literature, reported side by side: ``answer_type == "CLOSED"`` (the
-datasets' own label) -> ``open/closed/global``; a yes/no gold answer (the MILE paper's tables: 355 of SLAKE's
-1,061 English test questions) -> ``yes_no.{open,closed,global}``. Matching is on :func:`normalize_answer` forms.
-"""
+"Closed" is reported both ways: ``answer_type == "CLOSED"`` (the datasets' label) -> ``open/closed/global``; a
+yes/no gold answer (the MILE paper's tables: 355 of SLAKE's 1,061 English test questions) -> ``yes_no``."""
 
 from __future__ import annotations
 
@@ -33,10 +31,6 @@ def _accuracy(flags: Sequence[bool], z: float = 1.959963984540054) -> dict[str, 
             "ci_high": 100 * min(1.0, centre + half)}
 
 
-def _get(record: Any, name: str) -> Any:
-    return record[name] if isinstance(record, Mapping) else getattr(record, name)
-
-
 def _prediction_map(predictions: Mapping[Any, Any] | Iterable[Mapping[str, Any]]) -> dict[str, str]:
     rows = [{"qid": k, "prediction": v} for k, v in predictions.items()] if isinstance(predictions, Mapping) \
         else predictions
@@ -64,15 +58,14 @@ def _yes_no_prf(gold: list[str], pred: list[str]) -> dict[str, Any]:
     """P/R/F1 with "yes" positive over yes/no gold answers (scikit-learn); other predictions are just wrong."""
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-    labels = ["yes", "no", "other"]
-    pred = [p if p in labels[:2] else "other" for p in pred]
+    labels, pred = ["yes", "no", "other"], [p if p in ("yes", "no") else "other" for p in pred]
     matrix = confusion_matrix(gold, pred, labels=labels)[:2].tolist() if gold else [[0] * 3, [0] * 3]
-    p, r = precision_recall_fscore_support(gold, pred, labels=["yes"], zero_division=0)[:2] if gold else ([0], [0])
-    # F1 as the harmonic mean of P and R (scikit-learn's own F1 formula rounds the last digit differently)
-    f1 = 2 * float(p[0]) * float(r[0]) / (p[0] + r[0]) if p[0] + r[0] else 0.0
+    p, r = (float(v[0]) for v in precision_recall_fscore_support(gold, pred, labels=["yes"], zero_division=0)[:2]) \
+        if gold else (0.0, 0.0)
     (tp, fn_no, fn_other), (fp, tn, _) = matrix
-    return {"precision": 100 * float(p[0]), "recall": 100 * float(r[0]), "f1": 100 * float(f1), "n": len(gold),
-            "tp": tp, "fp": fp, "fn": fn_no + fn_other, "tn": tn,
+    # F1 as the harmonic mean of P and R (scikit-learn's own F1 formula rounds the last digit differently)
+    return {"precision": 100 * p, "recall": 100 * r, "f1": 100 * (2 * p * r / (p + r)) if p + r else 0.0,
+            "n": len(gold), "tp": tp, "fp": fp, "fn": fn_no + fn_other, "tn": tn,
             "confusion": {"gold": labels[:2], "predicted": labels, "matrix": matrix}}
 
 
@@ -88,9 +81,9 @@ def compute_metrics(predictions: Mapping[Any, Any] | Iterable[Mapping[str, Any]]
         raise ValueError(f"missing={missing!r}: expected 'error' or 'wrong'")
     preds, gold_by_qid = _prediction_map(predictions), {}
     for rec in records:
-        if str(_get(rec, "qid")) in gold_by_qid:
-            raise ValueError(f"records: qid {str(_get(rec, 'qid'))!r} appears twice; metrics match by qid")
-        gold_by_qid[str(_get(rec, "qid"))] = rec
+        if str(rec.qid) in gold_by_qid:
+            raise ValueError(f"records: qid {str(rec.qid)!r} appears twice; metrics match by qid")
+        gold_by_qid[str(rec.qid)] = rec
     unknown, absent = [q for q in preds if q not in gold_by_qid], [q for q in gold_by_qid if q not in preds]
     if unknown:
         raise ValueError(f"{len(unknown)} prediction(s) for qids not in the records, e.g. {unknown[:5]}")
@@ -101,10 +94,10 @@ def compute_metrics(predictions: Mapping[Any, Any] | Iterable[Mapping[str, Any]]
     yes_no: list[tuple[str, str]] = []
     sums, n_open = [0.0] * 4, 0  # token scores added in record order, as ever (sum() may round differently)
     for qid, rec in gold_by_qid.items():
-        gold, pred = normalize_answer(_get(rec, "answer")), normalize_answer(preds.get(qid, ""))
-        closed, yn = str(_get(rec, "answer_type")).strip().upper() == "CLOSED", gold in ("yes", "no")
+        gold, pred = normalize_answer(rec.answer), normalize_answer(preds.get(qid, ""))
+        closed, yn = str(rec.answer_type).strip().upper() == "CLOSED", gold in ("yes", "no")
         for group in ("closed" if closed else "open", "yn_closed" if yn else "yn_open", "global",
-                      "type:" + str(_get(rec, "content_type"))):
+                      "type:" + str(rec.content_type)):
             groups.setdefault(group, []).append(qid in preds and pred == gold)
         yes_no += [(gold, pred)] if yn else []
         if not closed:
@@ -124,10 +117,10 @@ def _most_common(counter: Counter) -> str:
 
 
 def majority_baseline(train: Sequence[Any], test: Sequence[Any]) -> dict[str, Any]:
-    """Metrics of answering every test question with the most frequent (normalised) training answer."""
-    answer = _most_common(Counter(normalize_answer(_get(r, "answer")) for r in train))
-    return {"baseline": "majority", "prediction": answer,
-            **compute_metrics({_get(r, "qid"): answer for r in test}, test)}
+    """Metrics (and ``predictions``) of answering every test question with the most frequent training answer."""
+    answer = _most_common(Counter(normalize_answer(r.answer) for r in train))
+    preds = {r.qid: answer for r in test}
+    return {"baseline": "majority", "prediction": answer, "predictions": preds, **compute_metrics(preds, test)}
 
 
 def question_only_baseline(train: Sequence[Any], test: Sequence[Any]) -> dict[str, Any]:
@@ -135,10 +128,23 @@ def question_only_baseline(train: Sequence[Any], test: Sequence[Any]) -> dict[st
     majority: an upper bound on what the question text alone gives here."""
     per_question: dict[str, Counter] = defaultdict(Counter)
     for r in train:
-        per_question[normalize_answer(_get(r, "question"))][normalize_answer(_get(r, "answer"))] += 1
-    fallback = _most_common(Counter(normalize_answer(_get(r, "answer")) for r in train))
-    counters = [per_question.get(normalize_answer(_get(r, "question"))) for r in test]
-    preds = {_get(r, "qid"): _most_common(c) if c else fallback for r, c in zip(test, counters, strict=True)}
+        per_question[normalize_answer(r.question)][normalize_answer(r.answer)] += 1
+    fallback = _most_common(Counter(normalize_answer(r.answer) for r in train))
+    counters = [per_question.get(normalize_answer(r.question)) for r in test]
+    preds = {r.qid: _most_common(c) if c else fallback for r, c in zip(test, counters, strict=True)}
     seen = 100 * sum(c is not None for c in counters) / len(test) if test else 0.0
-    return {"baseline": "question-only", "seen_questions": seen,
-            **compute_metrics(preds, test)}
+    return {"baseline": "question-only", "seen_questions": seen, "predictions": preds, **compute_metrics(preds, test)}
+
+
+def mcnemar(a_correct: Mapping[Any, bool], b_correct: Mapping[Any, bool]) -> dict[str, Any]:
+    """Exact McNemar test of two systems on the same questions (``qid -> right?`` each, a dict or pd.Series):
+    ``b`` questions only A answers right, ``c`` only B; ``p`` is the two-sided binomial test of b out of b + c at
+    1/2, exact at every count (1.0 when no question separates them)."""
+    from scipy.stats import binomtest
+
+    if set(a_correct.keys()) != set(b_correct.keys()):
+        raise ValueError(f"mcnemar: the two systems answered different questions ({len(a_correct)} vs "
+                         f"{len(b_correct)} qids); a paired test needs the same ones")
+    b = sum(bool(a_correct[q]) and not b_correct[q] for q in a_correct.keys())
+    c = sum(bool(b_correct[q]) and not a_correct[q] for q in a_correct.keys())
+    return {"n": len(a_correct), "b": b, "c": c, "p": float(binomtest(b, b + c, 0.5).pvalue) if b + c else 1.0}

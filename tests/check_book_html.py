@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 CHROMIUM_ARGS = ["--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-default-apps"]
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
+REPOSITORY = Path(__file__).resolve().parents[1]  # where the book was built: no page may name it
 # TeX that survived rendering: math delimiters, `$$`, a control word, or $...$ holding a sub/superscript or a
 # backslash (plain braces are not enough: chapter 08 shows MILE's templates, "{$question}Option:{$options}")
 RAW_TEX = re.compile(r"\\[()\[\]]|\$\$|\\[A-Za-z]{2,}|\$[^$\s][^$\n]*?[\\^_][^$\n]*?\$")
@@ -74,6 +75,13 @@ async (ms) => {
     images: images.map((img) => ({src: img.currentSrc || img.src, loaded: img.complete && img.naturalWidth > 0,
                                   figure: !!img.closest("article")})),
     text: text.join("\\n"),
+    // tables wider than the text column are cut at its right edge (or need a sideways scroll)
+    wideTables: Array.from(document.querySelectorAll("article table"), (t) => {
+      const column = t.closest("article").getBoundingClientRect().width;
+      const width = t.getBoundingClientRect().width;
+      return width > column + 1 ? `${Math.round(width)} px in a ${Math.round(column)} px column: `
+        + t.innerText.slice(0, 60).replace(/\\s+/g, " ") : null;
+    }).filter(Boolean),
   };
 }
 """
@@ -190,6 +198,10 @@ def _report_problems(report: dict, root: Path, page: Path, timeout: float, min_f
         context_text = report["text"][max(0, match.start() - 40):match.end() + 40].replace("\n", " ")
         problems.append(f"raw TeX `{match.group(0)}` in the text ({len(raw)} in all): ...{context_text}...")
     problems += [f"image did not load: {img['src']}" for img in report["images"] if not img["loaded"]]
+    problems += [f"table wider than the page: {table}" for table in report.get("wideTables", [])]
+    source = (root / page).read_text(encoding="utf-8", errors="replace")  # code and outputs included
+    markers = {str(REPOSITORY): "the build machine's path of the repository", "NBVAL": "a test marker"}
+    problems += [f"{what} ({marker!r}) in the page" for marker, what in markers.items() if marker in source]
     report["figures"] = shown = sum(img["loaded"] and img["figure"] for img in report["images"])
     made = notebook_figures(root, page)
     if made is not None and shown < max(made, min_figures):

@@ -1,5 +1,6 @@
-"""Check executed notebooks: no traceback, warning, stderr text or widget (headless runs show static
-fallbacks), and (with ``--expected``) the deterministic outputs equal the committed expectations.
+"""Check executed notebooks: no traceback, warning, stderr text, widget (headless runs show static
+fallbacks), test marker or path of the build machine's repository, and (with ``--expected``) the
+deterministic outputs equal the committed expectations.
 
 Run by the Makefile on papermill's executed copies; not a pytest module. Usage:
 
@@ -26,6 +27,7 @@ FORBIDDEN = re.compile(r"\w*Warning\b|Traceback \(most recent call last\)|\bwarn
 # nbval compares the cells tagged so (a tag, not a comment: the marker stays out of the book's code)
 CHECK_TAG = "nbval-check-output"
 SANITIZE = Path(__file__).with_name("nbval_sanitize.cfg")
+REPOSITORY = str(Path(__file__).resolve().parents[1])  # the build machine's path: never in a reader's notebook
 
 
 def _text(output: dict) -> str:
@@ -43,8 +45,12 @@ def problems(path: Path) -> list[str]:
     if 0 < len(started) < len(nb.cells):
         found.append(f"{path.name} cell {started[-1]} (id {nb.cells[started[-1]].get('id')}): execution stopped "
                      "here (an error, the cell time limit, or the kernel died)")
+    if REPOSITORY in path.read_text(encoding="utf-8"):
+        found.append(f"{path.name}: the build machine's path {REPOSITORY} appears in it (pass paths relative)")
     for index, cell in enumerate(nb.cells):
         where = f"{path.name} cell {index} (id {cell.get('id')})"
+        if "NBVAL" in cell.source:  # markers are tags (nbval-check-output), out of the reader's sight
+            found.append(f"{where}: an NBVAL marker comment in the source; tag the cell instead")
         for output in cell.get("outputs", []):
             if output.get("output_type") == "error":
                 found.append(f"{where}: error {output.get('ename')}: {output.get('evalue')}")

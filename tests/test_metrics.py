@@ -10,6 +10,7 @@ from mile_utils.data import Record
 from mile_utils.metrics import (
     compute_metrics,
     majority_baseline,
+    mcnemar,
     normalize_answer,
     question_only_baseline,
 )
@@ -156,3 +157,25 @@ def test_baselines() -> None:
     qo = question_only_baseline(train, test)
     # q11 -> yes (right, normalised text matches), q12 -> no (wrong), q13 -> axial (right), q14 -> fallback no
     assert qo["global"]["correct"] == 3 and qo["seen_questions"] == pytest.approx(75.0)
+
+
+def test_mcnemar_exact_hand_values() -> None:
+    # 10 questions only A gets right, 2 only B, 5 both, 3 neither: p = 2 * P(X <= 2 | 12, 1/2) = 2 * 79 / 4096
+    a = {i: i < 15 for i in range(20)}
+    b = {i: 10 <= i < 17 for i in range(20)}
+    t = mcnemar(a, b)
+    assert (t["n"], t["b"], t["c"]) == (20, 10, 2) and t["p"] == pytest.approx(158 / 4096)
+    assert mcnemar(b, a)["p"] == pytest.approx(t["p"]) and (mcnemar(b, a)["b"], mcnemar(b, a)["c"]) == (2, 10)
+    # paired by qid, not by order (a pandas Series works too); nothing discordant -> p = 1
+    import pandas as pd
+
+    assert mcnemar(pd.Series(a), pd.Series(dict(reversed(list(a.items())))))["p"] == 1.0
+    assert mcnemar({1: True, 2: True}, {1: False, 2: True})["p"] == 1.0  # b = 1, c = 0: 2 * 1/2, capped at 1
+    with pytest.raises(ValueError, match="different questions"):
+        mcnemar({1: True}, {2: True})
+
+
+def test_baselines_expose_predictions() -> None:
+    train, test = [rec(1, "yes", "CLOSED"), rec(2, "yes", "CLOSED")], [rec(3, "no", "CLOSED")]
+    assert majority_baseline(train, test)["predictions"] == {3: "yes"}
+    assert question_only_baseline(train, test)["predictions"] == {3: "yes"}
