@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
+from torch._weights_only_unpickler import _get_allowed_globals
 from transformers import BlipForQuestionAnswering
 
 from .model import load_local_first
@@ -97,8 +99,6 @@ class _Unpickler(pickle._Unpickler):  # the Python implementation: its opcodes c
     """Finds only torch's ``weights_only`` allowlist (tensor rebuilding, containers, dtypes); others become inert."""
 
     def find_class(self, module: str, name: str) -> Any:
-        from torch._weights_only_unpickler import _get_allowed_globals
-
         module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))  # protocol 2's py2 names
         name = f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{name}"
         return _get_allowed_globals().get(name) or type(f"Inert[{name}]", (_Inert,), {})
@@ -196,8 +196,6 @@ def load_weights(model: torch.nn.Module, source: str | os.PathLike[str] | Mappin
     if isinstance(source, Mapping):
         sd = _state_dict_in(source, src)
     elif path.is_file():  # .safetensors, else a pickle (.pth, .pt, .bin, .ckpt...)
-        from safetensors.torch import load_file
-
         report.kind, what = (("safetensors", "safetensors file") if path.suffix == ".safetensors"
                              else ("state_dict", "PyTorch checkpoint"))
         try:

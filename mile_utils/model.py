@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import torch
 from transformers import BertTokenizerFast, BlipConfig, BlipForQuestionAnswering
 from transformers import PreTrainedTokenizerBase as Tokenizer
@@ -52,8 +53,6 @@ def check_blip_tokenizer(tokenizer: Tokenizer, source: str) -> Tokenizer:
 def load_local_first(load: Callable[..., Any], source: str, what: str, error: type[Exception] = OSError) -> Any:
     """``load(source, local_files_only=...)`` from a local folder, else the hub cache, else the hub if one look at it
     (short timeout, never under ``HF_HUB_OFFLINE``) finds it: offline it fails in seconds, saying what was tried."""
-    import huggingface_hub
-
     path = Path(source).expanduser()
     if path.is_dir() or source.startswith((".", "/", "~")) or source.count("/") > 1:
         if not path.is_dir():

@@ -10,6 +10,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import snapshot_download
+
 from ..files import atomic_folder
 from .records import SPLITS, Record, collect, is_yes_no, normalize_split
 from .synthetic import default_cache_dir, synthetic_dir
@@ -46,8 +48,6 @@ def _split_file(folder: Path, split: str) -> Path:
 
 
 def _hub_snapshot(repo_id: str, allow_patterns: list[str] | None = None) -> Path:
-    from huggingface_hub import snapshot_download
-
     try:
         return Path(snapshot_download(repo_id, repo_type="dataset", allow_patterns=allow_patterns))
     except Exception as err:  # network, auth or missing-repo errors all mean: no local data
