@@ -14,7 +14,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+from matplotlib.ticker import MaxNLocator
 
 METRIC_LABELS = {"open": "open", "closed": "closed", "global": "global (all questions)"}
 METHOD_PALETTE = {"F": "#9e9e9e", "T": "#3b3b98", "lora": "#e15759", "prefix": "#59a14f", "ia3": "#f28e2b",
@@ -100,16 +100,13 @@ def tradeoff(table: pd.DataFrame, x: str, y: str = "global", hue: str | None = "
                 fmt="none", ecolor="#bbbbbb", lw=1, zorder=1)
     palette = METHOD_PALETTE if hue and set(table[hue]) <= set(METHOD_PALETTE) else None
     sns.scatterplot(data=table, x=x, y=y, hue=hue, style=hue, s=70, ax=ax, palette=palette, zorder=2)
-    best = -np.inf
-    for _, row in table.sort_values([x, y], ascending=[True, False]).iterrows():
-        if row[y] > best:
-            best = row[y]
-            ax.annotate(str(row[label]), (row[x], row[y]), textcoords="offset points", xytext=(5, 5), fontsize=9)
+    ranked = table.sort_values([x, y], ascending=[True, False])
+    for _, row in ranked[ranked[y] > ranked[y].cummax().shift(fill_value=-np.inf)].iterrows():  # the Pareto front
+        ax.annotate(str(row[label]), (row[x], row[y]), textcoords="offset points", xytext=(5, 5), fontsize=9)
     _floor_lines(ax, floors, vertical=False)
-    if logx:  # plain numbers on the decades, no minor labels
+    if logx:  # plain numbers on the decades ("0.1", "10"), not 10^-1
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.xaxis.set_major_formatter("{x:g}")
     return _finish(ax, xlabel or x, f"{METRIC_LABELS.get(y, y)} accuracy (%), 95% interval", title, hue or " ")
 
 
@@ -186,10 +183,9 @@ def method_grid(table: pd.DataFrame, x: str, xlabel: str, title: str | None = No
         ax.errorbar(rows[x], rows["global"], yerr=err, fmt=SHAPE_MARKERS[shape], ms=7, lw=1, capsize=2,
                     color=colour[method], mfc=colour[method] if filled[method] else "white", mew=1.5)
     _floor_lines(ax, floors, vertical=False)
-    if logx:  # plain numbers on the decades, no minor labels
+    if logx:  # plain numbers on the decades ("0.1", "10"), not 10^-1
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.xaxis.set_major_formatter("{x:g}")
     point = {"ls": "none", "ms": 7, "mew": 1.5}
     handles = [Line2D([], [], marker="o", color=colour[m], mfc=colour[m] if filled[m] else "white",
                       label=m + (" (paper)" if filled[m] else ""), **point) for m in methods]
