@@ -50,10 +50,13 @@ def sample_grid(samples: Sequence[Mapping[str, Any]], ncols: int = 4, width: flo
 def _finish(ax: Axes, xlabel: str, ylabel: str, title: str | None, legend: str | None = None) -> Axes:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    if len(ax.get_legend_handles_labels()[1]) > 1:  # a one-entry legend says nothing the title does not
-        ax.legend(title=legend, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
-    elif ax.get_legend() is not None:
+    handles, labels = ax.get_legend_handles_labels()
+    if ax.get_legend() is not None:  # seaborn's own
         ax.get_legend().remove()
+    if len(labels) > 1:  # under the plot (beside it, it would shrink the fonts at page width); one entry says nothing
+        ax.figure.set_layout_engine("constrained")
+        ax.figure.legend(handles, labels, title=legend, loc="outside lower center", ncol=min(4, len(labels)),
+                         frameon=False)
     if title:
         ax.set_title(title)
     return ax
@@ -107,7 +110,7 @@ def tradeoff(table: pd.DataFrame, x: str, y: str = "global", hue: str | None = "
     if logx:  # plain numbers on the decades ("0.1", "10"), not 10^-1
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter("{x:g}")
-    return _finish(ax, xlabel or x, f"{METRIC_LABELS.get(y, y)} accuracy (%), 95% interval", title, hue or " ")
+    return _finish(ax, xlabel or x, f"{y} accuracy (%), 95% interval", title, hue or " ")
 
 
 def loss_curves(histories: Mapping[str, Sequence[float]], title: str | None = None,
