@@ -373,14 +373,18 @@ def pretrained_stand_in(runs_dir: str | Path, *, seed: int = 0, data_seed: int =
     """The starting weights of the ``tiny`` profile's chapters: a small stand-in for pretrained MISS.
 
     The paper froze and adapted *pretrained* components; there are no pretrained weights of the tiny size, and
-    a frozen random ViT says nothing about freezing. So the stand-in is the tiny model fully trained (T/T/T,
-    the profile's defaults) on another instance of the built-in set (generator seed ``data_seed + 1``: other
-    scans and questions than the chapters train and test on); the chapters then fine-tune it. It is trained
-    once, in ``runs_dir/tiny-pretrained``; returns the folder of the exported model (for ``checkpoint``), named
-    by the stand-in run's identity, so a moved runs folder is found again.
+    a frozen random ViT says nothing about freezing. So the stand-in is the tiny model fully trained (T/T/T) on
+    the built-in set's ``pretraining`` variant, as MISS's pretraining data differ from SLAKE: other scans and
+    questions (generator seed ``data_seed + 1``), and the open questions on abnormality, modality, colour and
+    position never asked (``synthetic.UNASKED``), so their answers are new to it. ``size``, the chapters' set size, picks the stand-in's: the
+    700-image pretraining set for a named size, as many images for a number (quick tests). 3 epochs at batch 16
+    (twice the updates of the profile's batch). Trained once, in ``runs_dir/tiny-pretrained``; returns the
+    folder of the exported model (for ``checkpoint``), named by the stand-in run's identity, so a moved runs
+    folder is found again.
     """
     root = Path(runs_dir) / "tiny-pretrained"
-    cfg = RunConfig(profile="tiny", dataset="synthetic", spec="T/T/T", size=size, seed=seed,
-                    data_seed=data_seed + 1, out=str(root / "T-T-T"))
+    images = "full" if str(size) in ("small", "full") else size
+    cfg = RunConfig(profile="tiny", dataset="synthetic", spec="T/T/T", size=f"pretraining:{images}", seed=seed,
+                    data_seed=data_seed + 1, epochs=3, batch_size=16, out=str(root / "T-T-T"))
     results = run_experiment(cfg, skip_finished=True, progress=progress)
     return str(export_model(cfg, root / f"model-{results['identity']['key']}"))

@@ -7,6 +7,10 @@ question-only model stays near chance); lesions are >= ~4 px across at 64 px; ea
 ``(seed, index)``, so a bigger set holds the smaller ones' images; left/right are the patient's, radiological
 convention. Written in SLAKE's layout plus ``meta.json`` (ground truth per image) and ``manifest.json`` (sizes,
 a SHA-256 per file) into a cache folder that appears only once complete.
+
+The ``pretraining`` variant (``size="pretraining"`` or ``"pretraining:N"``) is the tiny profile's stand-in for
+MISS's pretraining data: the same scans and draws, but some question forms are never asked (:data:`UNASKED`),
+so a model pretrained on it has never produced some of the answers the chapters' set asks for.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from ..files import atomic_folder
 
 GENERATOR_VERSION = 1
 SIZES = {"full": 700, "small": 160}  # full: about SLAKE English question counts (4,919 train, 1,061 test)
+# the pretraining variant never asks these open forms, so their answers are new to a model pretrained on it
+UNASKED = {("Abnormality", "open"), ("Modality", "open"), ("Color", "open"), ("Position", "open")}
 MIN_IMAGES = 6  # at least one image in each of the three splits
 CANVAS = 128  # stored resolution; profiles resize (tiny 64 px, paper 480 px)
 FOV_VOXELS = 200  # square field of view, in 1 mm template voxels
@@ -194,8 +200,9 @@ VALUES = {"plane": PLANES, "modality": MODALITIES, "size": ("small", "large"), "
 SAY = {"t1": "T1", "t2": "T2", "axial": "an axial", "coronal": "a coronal", "sagittal": "a sagittal"}
 
 
-def _questions(scan: dict[str, Any], seed: int) -> list[tuple[str, str, str, str]]:
-    """(question, answer, answer_type, content_type) of one image, drawn from its own generator."""
+def _questions(scan: dict[str, Any], seed: int, variant: str = "") -> list[tuple[str, str, str, str]]:
+    """(question, answer, answer_type, content_type) of one image, drawn from its own generator; the
+    ``pretraining`` variant drops the :data:`UNASKED` forms after all draws (the other questions stay the same)."""
     rng = np.random.default_rng([seed, scan["index"], GENERATOR_VERSION, 1])
 
     def pick(options: list[str]) -> str:  # a single option costs no draw
@@ -225,19 +232,23 @@ def _questions(scan: dict[str, Any], seed: int) -> list[tuple[str, str, str, str
             question, value = question.split("=")
             answer = "yes" if truth == value else "no"
         question = question.format(v=a, art=SAY.get(a), V=SAY.get(a, a), a=a, b=b, A=SAY.get(a, a), B=SAY.get(b, b))
-        out.append((question, answer, "OPEN" if kind == "open" else "CLOSED", content_type))
+        if not (variant == "pretraining" and (content_type, kind) in UNASKED):
+            out.append((question, answer, "OPEN" if kind == "open" else "CLOSED", content_type))
     return out
 
 
 # ---------------------------------------------------------------- the set on disk
-def parse_size(size: int | str | None) -> int:
-    """``None``/``"full"`` -> 700 images, ``"small"`` -> 160, or a number of images (at least 6)."""
+def parse_size(size: int | str | None) -> tuple[int, str]:
+    """(images, variant): ``None``/``"full"`` -> 700, ``"small"`` -> 160, or a number (at least 6); the
+    variant ``""`` (the chapters' set) or ``"pretraining"`` (``"pretraining"`` = 700 images, ``"pretraining:N"``)."""
     key = "full" if size is None else str(size).strip().lower()
+    variant, _, key = key.rpartition(":") if ":" in key else ("pretraining", "", "full") if key == "pretraining" \
+        else ("", "", key)
     n = SIZES[key] if key in SIZES else int(key) if key.isdigit() else None
-    if n is None or n < MIN_IMAGES:
+    if n is None or n < MIN_IMAGES or variant not in ("", "pretraining"):
         raise ValueError(f"synthetic size {size!r} (--size / size=): expected 'full', 'small' or a number of "
-                         f"images, at least {MIN_IMAGES} (one per split)")
-    return n
+                         f"images, at least {MIN_IMAGES} (one per split), optionally as 'pretraining:<size>'")
+    return n, variant
 
 
 def default_cache_dir() -> Path:
@@ -248,7 +259,7 @@ def default_cache_dir() -> Path:
 
 def generate_synthetic(out_dir: str | Path, *, size: int | str | None = None, seed: int = 0) -> Path:
     """Write the set into ``out_dir`` (created; must not exist or be empty) and return it."""
-    n_images = parse_size(size)
+    n_images, variant = parse_size(size)
     out = Path(out_dir)
     (out / "imgs").mkdir(parents=True, exist_ok=True)
     # whole images go to one split (70 / 15 / 15 %), so no image is shared between train and test
@@ -265,7 +276,8 @@ def generate_synthetic(out_dir: str | Path, *, size: int | str | None = None, se
         Image.fromarray(pixels, mode="L").save(out / "imgs" / scan["img_name"], format="PNG", compress_level=6)
         kind = KIND[scan["intensity"]] if scan["intensity"] else "none"
         meta.append({**scan, "split": splits[index], "kind": kind})
-        for k, (question, answer, answer_type, content_type) in enumerate(_questions({**scan, "kind": kind}, seed)):
+        questions = _questions({**scan, "kind": kind}, seed, variant)
+        for k, (question, answer, answer_type, content_type) in enumerate(questions):
             per_split[splits[index]].append(
                 {"img_id": index, "img_name": scan["img_name"], "question": question, "answer": answer,
                  "q_lang": "en", "location": "Brain", "modality": "MRI", "answer_type": answer_type,
@@ -275,6 +287,7 @@ def generate_synthetic(out_dir: str | Path, *, size: int | str | None = None, se
     digests = {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
                for p in sorted(out.rglob("*")) if p.is_file()}
     manifest = {"generator_version": GENERATOR_VERSION, "seed": seed, "n_images": n_images,
+                **({"variant": variant} if variant else {}),
                 "questions": {k: len(v) for k, v in per_split.items()},
                 "images": {k: sum(1 for s in splits.values() if s == k) for k in per_split}, "sha256": digests}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
@@ -287,11 +300,13 @@ def synthetic_dir(size: int | str | None = None, seed: int = 0, cache_dir: str |
     The folder name carries a hash of (generator version, size, seed); generation happens in a temporary
     sibling renamed into place, so an interrupted or concurrent run never leaves a half-written set.
     """
-    n_images = parse_size(size)
+    n_images, variant = parse_size(size)
     base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    spec = json.dumps({"version": GENERATOR_VERSION, "n_images": n_images, "seed": seed}, sort_keys=True)
+    # the standard set's folder name is unchanged by the variants' existence (caches stay valid)
+    spec = json.dumps({"version": GENERATOR_VERSION, "n_images": n_images, "seed": seed,
+                       **({"variant": variant} if variant else {})}, sort_keys=True)
     final = base / f"synthetic-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
     if (final / "manifest.json").is_file():
         return final
     # another process may finish the same set first: its bytes are identical, so either copy will do
-    return atomic_folder(final, lambda tmp: generate_synthetic(tmp, size=n_images, seed=seed), done="manifest.json")
+    return atomic_folder(final, lambda tmp: generate_synthetic(tmp, size=size, seed=seed), done="manifest.json")
