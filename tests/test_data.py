@@ -25,6 +25,7 @@ from mile_utils.data import (
     summarize_dataset,
     synthetic_dir,
 )
+from mile_utils.data.synthetic import UNASKED
 from mile_utils.metrics import majority_baseline, question_only_baseline
 
 
@@ -103,6 +104,23 @@ def test_synthetic_not_solvable_from_the_question(small_root: Path) -> None:
     assert qo["global"]["accuracy"] < 58 and qo["yes_no"]["closed"]["accuracy"] < 62
 
 
+def test_synthetic_pretraining_variant_drops_only_the_unasked_forms(tmp_path: Path) -> None:
+    """The stand-in's set: the same scans and draws, minus the open questions the chapters' set adds."""
+    std, pre = generate_synthetic(tmp_path / "a", size=12, seed=2), generate_synthetic(tmp_path / "b",
+                                                                                   size="pretraining:12", seed=2)
+    assert [p.read_bytes() for p in sorted((std / "imgs").iterdir())] == \
+        [p.read_bytes() for p in sorted((pre / "imgs").iterdir())]
+    for split in ("train", "validation", "test"):
+        rows = {name: [(r["img_name"], r["question"], r["answer"], r["content_type"], r["answer_type"])
+                       for r in json.loads((root / f"{split}.json").read_text())] for name, root in
+                (("std", std), ("pre", pre))}
+        unasked = [r for r in rows["std"] if r[4] == "OPEN" and (r[3], "open") in UNASKED]
+        assert rows["pre"] == [r for r in rows["std"] if r not in unasked]
+        assert split != "train" or unasked  # the forms exist in the chapters' set
+    assert json.loads((pre / "manifest.json").read_text())["variant"] == "pretraining"
+    assert "variant" not in json.loads((std / "manifest.json").read_text())
+
+
 def test_synthetic_lesions_visible_at_64px(small_root: Path) -> None:
     # lesion pixels, after the tiny profile's resize, differ clearly from the image's tissue around them
     meta = scan_meta(small_root)
@@ -125,6 +143,8 @@ def test_synthetic_bad_size() -> None:
         load_records("synthetic", "train", size=3)
     with pytest.raises(ValueError, match="'full', 'small'"):
         load_records("synthetic", "train", size="huge")
+    with pytest.raises(ValueError, match="pretraining:<size>"):
+        load_records("synthetic", "train", size="finetuning:24")
 
 
 # ---------------------------------------------------------------- SLAKE folder

@@ -1,4 +1,4 @@
-"""The tiny profile's stand-in for pretrained MISS: trained once on another instance of the built-in set,
+"""The tiny profile's stand-in for pretrained MISS: trained once on the built-in set's pretraining variant,
 exported as a checkpoint folder, and the weights the chapters' runs start from."""
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def test_stand_in_is_trained_once_on_other_data_and_starts_runs(runs, monkeypatc
 
     pre = load_results(runs / "tiny-pretrained" / "T-T-T")
     assert pre["config"]["data_seed"] == 4 and pre["config"]["spec_str"] == "T/T/T"
+    assert pre["config"]["size"] == "pretraining:24" and pre["config"]["batch_size"] == 16  # the shifted set
 
     _, trained = trained_model(RunConfig.from_dict(pre["config"]))
     _, started = build_run(RunConfig(spec="F/F/lora", size=24, checkpoint=str(path)).resolved())

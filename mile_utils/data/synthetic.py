@@ -1,16 +1,13 @@
 """The built-in ``synthetic`` Med-VQA set: brain MRI slices from real anatomy with controlled findings.
 
-Anatomy is the MNI152 template and tissue maps that ``nilearn`` ships (nothing is downloaded). Each image is an
-axial, coronal or sagittal slice in T1 or a T2-like contrast with 0-2 round lesions of random side, size and
-intensity; questions follow SLAKE's mould and content types. Answers are balanced within each question text (a
-question-only model stays near chance); lesions are >= ~4 px across at 64 px; each image has its own seed
-``(seed, index)``, so a bigger set holds the smaller ones' images; left/right are the patient's, radiological
-convention. Written in SLAKE's layout plus ``meta.json`` (ground truth per image) and ``manifest.json`` (sizes,
-a SHA-256 per file) into a cache folder that appears only once complete.
-
-The ``pretraining`` variant (``size="pretraining"`` or ``"pretraining:N"``) is the tiny profile's stand-in for
-MISS's pretraining data: the same scans and draws, but some question forms are never asked (:data:`UNASKED`),
-so a model pretrained on it has never produced some of the answers the chapters' set asks for.
+Anatomy: the MNI152 template and tissue maps ``nilearn`` ships (nothing is downloaded). Each image is an axial,
+coronal or sagittal slice in T1 or a T2-like contrast with 0-2 round lesions of random side, size and intensity;
+questions follow SLAKE's mould and content types. Answers are balanced within each question text (a question-only
+model stays near chance); lesions are >= ~4 px across at 64 px; each image has its own seed ``(seed, index)``, so
+a bigger set holds the smaller ones' images; left/right are the patient's. Written in SLAKE's layout plus
+``meta.json`` (ground truth per image) and ``manifest.json`` (sizes, SHA-256 per file) into a cache folder that
+appears only once complete. The ``pretraining`` variant (``size="pretraining[:N]"``), the tiny stand-in's data,
+has the same scans and draws but never asks the :data:`UNASKED` forms: their answers are new to a model trained on it.
 """
 
 from __future__ import annotations
@@ -86,12 +83,11 @@ def _render(index: int, seed: int) -> tuple[dict[str, Any], np.ndarray]:
     from scipy import ndimage
 
     rng = np.random.default_rng([seed, index, GENERATOR_VERSION])
-    plane = PLANES[int(rng.integers(3))]
-    modality = MODALITIES[int(rng.integers(2))]
-    count = (0, 0, 1, 2)[int(rng.integers(4))]  # half the images are normal
-    side = ("left", "right")[int(rng.integers(2))] if count else None
-    size = ("small", "large")[int(rng.integers(2))] if count else None
-    intensity = ("bright", "dark")[int(rng.integers(2))] if count else None
+    # drawn in this order (left to right); half the images are normal
+    plane, modality, count = PLANES[int(rng.integers(3))], MODALITIES[int(rng.integers(2))], (0, 0, 1, 2)[
+        int(rng.integers(4))]
+    side, size, intensity = [pair[int(rng.integers(2))] if count else None for pair in (
+        ("left", "right"), ("small", "large"), ("bright", "dark"))]
     x, y, z = BRAIN_CENTRE
     dims = _volumes()["t1"].shape
     centre_r, centre_c = {"axial": (dims[1] - 1 - y, dims[0] - 1 - x), "coronal": (dims[2] - 1 - z, dims[0] - 1 - x),
@@ -140,21 +136,15 @@ def _place_lesions(rng: np.random.Generator, brain: np.ndarray, count: int, size
 
     if count == 0:
         return []
-    depth = ndimage.distance_transform_edt(brain)
-    radii = [float(rng.uniform(*LESION_RADIUS[size])) for _ in range(count)]  # type: ignore[index]
-    cols = np.arange(brain.shape[1])[None, :]
+    depth, (rr, cc) = ndimage.distance_transform_edt(brain), np.ogrid[0 : brain.shape[0], 0 : brain.shape[1]]
     placed: list[tuple[float, float, float]] = []
-    for radius in radii:
+    for radius in [float(rng.uniform(*LESION_RADIUS[size])) for _ in range(count)]:  # type: ignore[index]
         ok = depth > radius * 1.25 + 2
-        if side == "left":
-            ok &= cols > midline_col + radius + 3
-        elif side == "right":
-            ok &= cols < midline_col - radius - 3
+        if side:
+            ok &= cc > midline_col + radius + 3 if side == "left" else cc < midline_col - radius - 3
         for row, col, r in placed:  # keep lesions apart so they can be counted
-            rr, cc = np.ogrid[0 : brain.shape[0], 0 : brain.shape[1]]
             ok &= (rr - row) ** 2 + (cc - col) ** 2 > (r + radius + 4) ** 2
-        candidates = np.argwhere(ok)
-        if len(candidates) == 0:
+        if not (candidates := np.argwhere(ok)).size:
             return None
         row, col = candidates[int(rng.integers(len(candidates)))]
         placed.append((float(row), float(col), radius))
@@ -165,10 +155,10 @@ def _place_lesions(rng: np.random.Generator, brain: np.ndarray, count: int, size
 # One row per question family: group, content type, kind, fact, templates ("|" between them). Kinds: open (the
 # answer is the fact), ask (yes/no naming the true value or a wrong one, p = 1/2 each), pair ("a or b", order
 # shuffled), check (yes/no; each template names, after "=", the fact's value that makes the answer yes).
-# Groups: view families are each asked with probability P_VIEW_FAMILY, core ones always, lesion (and sided,
-# when the lesions have a side) ones with probability P_LESION_FAMILY about images with lesions, as SLAKE asks
-# about findings. Whether a family is asked never depends on its answer: answers stay balanced per question.
-# Row order and the draws in _questions are the generator's (GENERATOR_VERSION 1): changing them changes the data.
+# Groups: view families asked with probability P_VIEW_FAMILY, core ones always, lesion (and sided, when lesions
+# have a side) ones with probability P_LESION_FAMILY about images with lesions, as SLAKE asks about findings.
+# Whether a family is asked never depends on its answer (answers stay balanced per question). Row order and the
+# draws in _questions are the generator's (GENERATOR_VERSION 1): changing them changes the data.
 FAMILIES = [row.split(maxsplit=4) for row in re.sub(r"\|\n\s*", "|", """
 view Plane open plane Which plane is this image taken in?|In which plane is this image scanned?|
     What is the scanning plane of this image?
@@ -241,9 +231,8 @@ def _questions(scan: dict[str, Any], seed: int, variant: str = "") -> list[tuple
 def parse_size(size: int | str | None) -> tuple[int, str]:
     """(images, variant): ``None``/``"full"`` -> 700, ``"small"`` -> 160, or a number (at least 6); the
     variant ``""`` (the chapters' set) or ``"pretraining"`` (``"pretraining"`` = 700 images, ``"pretraining:N"``)."""
-    key = "full" if size is None else str(size).strip().lower()
-    variant, _, key = key.rpartition(":") if ":" in key else ("pretraining", "", "full") if key == "pretraining" \
-        else ("", "", key)
+    variant, _, key = ("full" if size is None else str(size).strip().lower()).rpartition(":")
+    variant, key = ("pretraining", "full") if key == "pretraining" and not variant else (variant, key)
     n = SIZES[key] if key in SIZES else int(key) if key.isdigit() else None
     if n is None or n < MIN_IMAGES or variant not in ("", "pretraining"):
         raise ValueError(f"synthetic size {size!r} (--size / size=): expected 'full', 'small' or a number of "
@@ -295,14 +284,10 @@ def generate_synthetic(out_dir: str | Path, *, size: int | str | None = None, se
 
 
 def synthetic_dir(size: int | str | None = None, seed: int = 0, cache_dir: str | Path | None = None) -> Path:
-    """The cached set's folder, generating it first if needed (a few seconds for the full set).
-
-    The folder name carries a hash of (generator version, size, seed); generation happens in a temporary
-    sibling renamed into place, so an interrupted or concurrent run never leaves a half-written set.
-    """
+    """The cached set's folder (named by a hash of generator version, size, variant, seed), generated first if
+    needed in a temporary sibling renamed into place: an interrupted or concurrent run leaves no half-written set."""
     n_images, variant = parse_size(size)
     base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    # the standard set's folder name is unchanged by the variants' existence (caches stay valid)
     spec = json.dumps({"version": GENERATOR_VERSION, "n_images": n_images, "seed": seed,
                        **({"variant": variant} if variant else {})}, sort_keys=True)
     final = base / f"synthetic-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
