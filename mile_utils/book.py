@@ -224,11 +224,12 @@ def provenance(outs: pd.Series | Sequence[str], title: str = "Provenance of thes
 SHAPES = ("F/F/x", "F/x/x", "x/x/x")  # chapter 10's grid: a method x on the decoder, the text stacks, everything
 
 
-def method_grid(base: RunConfig, methods: Sequence[str], out_root: str | Path) -> tuple[list[RunConfig], pd.DataFrame]:
+def method_grid(base: RunConfig, methods: Sequence[str], out_root: str | Path,
+                reuse: bool = True) -> tuple[list[RunConfig], pd.DataFrame]:
     """Chapter 10's grid: each method in each of ``SHAPES``, and the plan as a table (method x shape: the spec, or
-    why a component refuses it, from ``adapters.REFUSED``). A configuration of the paper's grid runs in
-    ``out_root/<slug>`` (chapters 3-7's run with the same settings is read back), any other in
-    ``<out_root>-beyond/<slug>``, out of chapter 9's collection of the paper's grid."""
+    why a component refuses it, from ``adapters.REFUSED``). With ``reuse`` (``base`` has the chapters' settings) a
+    configuration of the paper's grid runs in ``out_root/<slug>``, where chapters 3-7's run is read back; every
+    other run lies in ``<out_root>-beyond/<slug>``, out of chapter 9's collection of the paper's grid."""
     from .adapters import REFUSED
     from .model import COMPONENTS
 
@@ -240,7 +241,7 @@ def method_grid(base: RunConfig, methods: Sequence[str], out_root: str | Path) -
             refused = [f"refused: {c} {m}: {REFUSED[c, m]}" for c, m in spec.items() if (c, m) in REFUSED]
             if not refused:
                 cfg = replace(base, spec=replace(base.spec, **spec))
-                folder = root if cfg.spec_str in paper else root.with_name(f"{root.name}-beyond")
+                folder = root if reuse and cfg.spec_str in paper else root.with_name(f"{root.name}-beyond")
                 configs.append(replace(cfg, out=str(folder / cfg.slug)))
             plan.setdefault(method, {})[shape] = refused[0] if refused else "/".join(spec.values())
     return configs, pd.DataFrame(plan).T.rename_axis("method")
