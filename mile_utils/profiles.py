@@ -16,14 +16,12 @@ class Profile:
     vit_layers: int
     vit_heads: int
     vit_mlp: int
-    # JTM and decoder (two BERT-style stacks of the same size, as in BLIP/MISS)
-    text_hidden: int
+    text_hidden: int  # JTM and decoder: two BERT-style stacks of the same size, as in BLIP/MISS
     text_layers: int
     text_heads: int
     text_mlp: int
     max_positions: int
-    # None: the vocabulary size comes from the tokenizer (tiny); paper: bert-base-uncased + [DEC] + [ENC]
-    vocab_size: int | None
+    vocab_size: int | None  # None: from the tokenizer (tiny); paper: bert-base-uncased + [DEC] + [ENC]
     batch_size: int
     lr: float
     min_lr: float
@@ -35,8 +33,7 @@ class Profile:
     # the ViT's stochastic depth at its last block (BLIP's linear schedule from 0); MISS uses 0.1 and 0.1
     text_dropout: float = 0.0
     vit_drop_path: float = 0.0
-    # generation, as in the reference: beam 3, at most 10 tokens, at least 1
-    num_beams: int = 3
+    num_beams: int = 3  # generation, as in the reference: beam 3, at most 10 tokens, at least 1
     max_answer_length: int = 10
     min_answer_length: int = 1
 
@@ -55,9 +52,6 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (TINY, PAPER)}
 
 def get_profile(profile: str | Profile) -> Profile:
     """Return the profile called ``profile`` (``tiny`` or ``paper``); a Profile passes through."""
-    if isinstance(profile, Profile):
-        return profile
-    try:
-        return PROFILES[profile]
-    except KeyError:
-        raise ValueError(f"unknown profile {profile!r}: expected one of {sorted(PROFILES)}") from None
+    if isinstance(profile, Profile) or profile in PROFILES:
+        return profile if isinstance(profile, Profile) else PROFILES[profile]
+    raise ValueError(f"unknown profile {profile!r}: expected one of {sorted(PROFILES)}")

@@ -56,14 +56,12 @@ def _volumes() -> dict[str, np.ndarray]:
     if spec is None or spec.origin is None:
         raise FileNotFoundError("the synthetic dataset needs nilearn (it ships the MNI152 template): "
                                 "pip install nilearn")
-    out = {}
-    for key in ("t1", "gm", "wm"):
-        path = Path(spec.origin).parent / "datasets" / "data" / f"mni_icbm152_{key}_tal_nlin_sym_09a_converted.nii.gz"
-        if not path.is_file():
-            raise FileNotFoundError(f"MNI152 template file {path} not found: this nilearn version does not "
-                                    "ship it (nilearn >= 0.10 does)")
-        out[key] = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32) / 255.0
-    return out
+    folder = Path(spec.origin).parent / "datasets" / "data"
+    paths = {key: folder / f"mni_icbm152_{key}_tal_nlin_sym_09a_converted.nii.gz" for key in ("t1", "gm", "wm")}
+    if missing := [str(path) for path in paths.values() if not path.is_file()]:
+        raise FileNotFoundError(f"MNI152 template files {missing} not found: this nilearn version does not ship "
+                                "them (nilearn >= 0.10 does)")
+    return {key: np.asarray(nib.load(str(path)).dataobj, dtype=np.float32) / 255.0 for key, path in paths.items()}
 
 
 def _slice(plane: str, index: int, modality: str) -> np.ndarray:
@@ -242,8 +240,7 @@ def parse_size(size: int | str | None) -> tuple[int, str]:
 
 def default_cache_dir() -> Path:
     """``$MILE_DATA_DIR`` if set, else ``~/.cache/mile_book``."""
-    env = os.environ.get("MILE_DATA_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "mile_book"
+    return Path(os.environ.get("MILE_DATA_DIR") or Path.home() / ".cache" / "mile_book").expanduser()
 
 
 def generate_synthetic(out_dir: str | Path, *, size: int | str | None = None, seed: int = 0) -> Path:
@@ -257,20 +254,19 @@ def generate_synthetic(out_dir: str | Path, *, size: int | str | None = None, se
     n_train = min(max(1, round(0.70 * n_images)), n_images - n_val - 1)
     splits = {int(i): "train" if k < n_train else "validation" if k < n_train + n_val else "test"
               for k, i in enumerate(order)}
-    per_split: dict[str, list[dict[str, Any]]] = {"train": [], "validation": [], "test": []}
-    meta: list[dict[str, Any]] = []
+    per_split, meta = {"train": [], "validation": [], "test": []}, []  # type: ignore[var-annotated]
     for index in range(n_images):
         scan, pixels = _render(index, seed)
         # compress_level fixed and no optimisation pass: identical bytes for identical pixels
         Image.fromarray(pixels, mode="L").save(out / "imgs" / scan["img_name"], format="PNG", compress_level=6)
         kind = KIND[scan["intensity"]] if scan["intensity"] else "none"
         meta.append({**scan, "split": splits[index], "kind": kind})
-        questions = _questions({**scan, "kind": kind}, seed, variant)
-        for k, (question, answer, answer_type, content_type) in enumerate(questions):
-            per_split[splits[index]].append(
-                {"img_id": index, "img_name": scan["img_name"], "question": question, "answer": answer,
-                 "q_lang": "en", "location": "Brain", "modality": "MRI", "answer_type": answer_type,
-                 "base_type": "vqa", "content_type": content_type, "qid": index * 100 + k})
+        for k, (question, answer, answer_type, content_type) in enumerate(_questions({**scan, "kind": kind}, seed,
+                                                                                       variant)):
+            per_split[splits[index]].append({
+                "img_id": index, "img_name": scan["img_name"], "question": question, "answer": answer, "q_lang": "en",
+                "location": "Brain", "modality": "MRI", "answer_type": answer_type, "base_type": "vqa",
+                "content_type": content_type, "qid": index * 100 + k})
     for name, rows in {**per_split, "meta": meta}.items():
         (out / f"{name}.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
     digests = {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
