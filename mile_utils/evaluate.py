@@ -1,23 +1,13 @@
-"""One evaluation path for every method: beam-search generation (the reference's), or BLIP's answer ranking.
+"""One evaluation path for every method: beam-search generation (the reference's) or BLIP's answer ranking, from
+the question states of :func:`mile_utils.train.question_states` (frozen parts precomputed), to
+``predictions.jsonl`` and the metrics of :mod:`mile_utils.metrics`.
 
-Both start from the same question states (:func:`mile_utils.train.question_states`, frozen parts
-precomputed) and write ``predictions.jsonl`` (qid, question, answer, prediction, answer_type, content_type)
-before the metrics of :mod:`mile_utils.metrics` are computed from it.
-
-Generation against MISS's original (MILE's ``models/mile_vqa.py``, ``inference='generate'``, transformers 4.26):
-
-* Question mask. The original passes ``encoder_attention_mask = ones`` to the decoder's ``generate``, so
-  beam search attends to the question's padding (training, and ranking, use the real mask). We pass the real
-  question mask, so an answer does not depend on how long the other questions of its batch are;
-  ``reference_quirk=True`` passes the original's all-ones mask.
-* Beam-length normalisation. Both use ``num_beams=3``, ``max_length=10`` (counting the [DEC] prompt),
-  ``min_length=1``, ``length_penalty=1.0``, no early stopping, [SEP] as end; a finished beam scores its summed
-  log-probability over a length. transformers 4.26 divides by the hypothesis without its [SEP] but with the
-  [DEC] prompt (``hyp.shape[-1]``), transformers 5 (ours) by the generated tokens with [SEP] but without the
-  prompt (``cur_len + 1 - decoder_prompt_len``): the same number for every answer that ends in [SEP] ("yes
-  [SEP]": 2 in both). Only a beam cut at ``max_length`` differs (10 there, 9 here: such an over-long answer
-  scores slightly lower here). Not reproduced by ``reference_quirk`` (it would need the old beam scorer).
-"""
+Generation against MISS's original (MILE ``models/mile_vqa.py``, transformers 4.26): the same beam search (3
+beams, ``max_length`` 10 counting [DEC], ``min_length`` 1, ``length_penalty`` 1, [SEP] ends), except (1) the
+original passes an all-ones question mask to ``generate`` (beams attend to question padding); we pass the real
+mask, as training does (``reference_quirk=True``: all ones); (2) a beam cut at ``max_length`` is normalised by 9
+tokens here, 10 there (transformers 5 counts generated tokens with [SEP], 4.26 the hypothesis with [DEC]); every
+answer ending in [SEP] scores the same."""
 
 from __future__ import annotations
 
@@ -79,33 +69,16 @@ def rank_answers(model: nn.Module, tokenizer: Any, batch: dict[str, Any], profil
     return [candidates[i] for i in best.tolist()]
 
 
-def prediction_rows(records: Sequence[Any], questions: Sequence[str], predictions: Sequence[str]) -> list[dict]:
-    """One row per record: qid, question (the text the model saw), answer, prediction, answer/content type."""
-    return [{"qid": r.qid, "question": q, "answer": r.answer, "prediction": p,
-             "answer_type": r.answer_type, "content_type": r.content_type}
-            for r, q, p in zip(records, questions, predictions, strict=True)]
-
-
-def write_predictions(path: str | Path, rows: Sequence[dict]) -> None:
-    """Write predictions.jsonl atomically."""
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
 def evaluate_model(model: nn.Module, tokenizer: Any, profile: str | Profile, dataset: Any, *,
                    out_dir: str | Path | None = None, method: str = "generate",
                    candidates: Sequence[str] | None = None, batch_size: int = 32,
                    device: torch.device | str | None = None, autocast: Any = None, dtype: torch.dtype = torch.float32,
                    use_cache: bool = True, label_smoothing: float = 0.1, reference_quirk: bool = False,
                    progress: bool = True) -> dict[str, Any]:
-    """Predict an answer for every record of ``dataset`` (a :class:`mile_utils.data.VQADataset`) and score.
-
-    ``method="generate"`` is the reference's beam search (``reference_quirk``: with the original's all-ones
-    question mask), ``"rank"`` BLIP's answer-list ranking over ``candidates`` (e.g. the training answers).
-    ``autocast``/``dtype``: the training run's (frozen outputs are kept in the autocast dtype, exactly what
-    the next layer consumes). Returns ``{"metrics", "predictions", "cache"}``; with ``out_dir`` the
-    predictions are also written to ``out_dir/predictions.jsonl``.
-    """
+    """Predict an answer for every record of ``dataset`` (a ``VQADataset``) and score: ``method="generate"`` the
+    reference's beam search, ``"rank"`` BLIP's ranking over ``candidates`` (e.g. the training answers).
+    ``autocast``/``dtype``: the training run's (frozen outputs kept in the dtype the next layer consumes).
+    Returns ``{"metrics", "predictions", "cache"}``; with ``out_dir`` also ``out_dir/predictions.jsonl``."""
     from tqdm.auto import tqdm
 
     from .metrics import compute_metrics
@@ -124,7 +97,7 @@ def evaluate_model(model: nn.Module, tokenizer: Any, profile: str | Profile, dat
     features = FrozenFeatures(model, tokenizer, prof, device=device, dtype=dtype, enabled=use_cache,
                               batch_size=batch_size)
     features.prepare(dataset, autocast)
-    collator = VQACollator(tokenizer, prof, dataset, need_pixels=features.needs_pixels)
+    collator = VQACollator(tokenizer, prof, dataset, need_pixels=not features.vit_cached)
     cands = list(dict.fromkeys(candidates or ()))
     predictions: list[str] = []
     questions: list[str] = []
@@ -139,7 +112,9 @@ def evaluate_model(model: nn.Module, tokenizer: Any, profile: str | Profile, dat
             else:
                 predictions.extend(rank_answers(model, tokenizer, batch, prof, cands, label_smoothing=label_smoothing))
     model.train(was_training)
-    rows = prediction_rows(dataset.records, questions, predictions)
-    if out_dir is not None:
-        write_predictions(Path(out_dir) / "predictions.jsonl", rows)
+    rows = [{"qid": r.qid, "question": q, "answer": r.answer, "prediction": p, "answer_type": r.answer_type,
+             "content_type": r.content_type} for r, q, p in zip(dataset.records, questions, predictions, strict=True)]
+    if out_dir is not None:  # the question is the text the model saw (an instruction prompt, if any)
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        atomic_write(Path(out_dir) / "predictions.jsonl", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return {"metrics": compute_metrics(rows, dataset.records), "predictions": rows, "cache": features.summary()}

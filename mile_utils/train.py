@@ -1,20 +1,15 @@
-"""The one training loop: every component spec (F / T / PEFT per ViT, JTM, decoder) trains through it.
-
-The forward runs by components, as BLIP/MISS do: ViT -> image embeddings -> JTM (question tokens
-cross-attending to the image) -> question states -> decoder (answer tokens cross-attending to the question
-states). Frozen components run once per run, before the loop (:class:`FrozenFeatures`, kept on the CPU). The
-loop is Accelerate (device placement, bf16 autocast on GPU, gradient accumulation, data parallel), AdamW over
-trainable parameters only, torch's ``CosineAnnealingLR`` stepped per epoch (the reference's per-epoch cosine),
-and an atomic per-epoch checkpoint of what cannot be rebuilt, loadable with ``weights_only=True``.
-"""
+"""The one training loop, for every component spec: the forward by components as BLIP/MISS (ViT -> JTM: question
+tokens cross-attending to the image -> decoder: answer tokens cross-attending to the question states), frozen
+components run once per run (:class:`FrozenFeatures`), Accelerate (device, bf16 autocast on GPU, accumulation,
+data parallel), AdamW over trainable parameters, per-epoch cosine (the reference's), an atomic per-epoch
+checkpoint of what cannot be rebuilt (``weights_only=True``-loadable)."""
 
 from __future__ import annotations
 
-import random
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -36,21 +31,18 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the last good checkpoint is kept on disk."""
 
 
-# ------------------------------------------------------------------------------------------- batches
 def encode_questions(tokenizer: Any, questions: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``[ENC] q... [SEP]`` ids and attention mask, truncated at ``max_tokens`` ([CLS] replaced by [ENC])."""
     enc = tokenizer(list(questions), padding="longest", truncation=True, max_length=max_tokens, return_tensors="pt")
-    ids = enc["input_ids"].clone()
-    ids[:, 0] = tokenizer.convert_tokens_to_ids(ENC_TOKEN)
-    return ids, enc["attention_mask"]
+    return enc["input_ids"].index_fill(1, torch.tensor([0]), tokenizer.convert_tokens_to_ids(ENC_TOKEN)), \
+        enc["attention_mask"]
 
 
 def encode_answers(tokenizer: Any, answers: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, ...]:
     """``[DEC] answer [SEP]`` ids, attention mask, and labels (pads -> -100), as BLIP's VQA training."""
-    enc = tokenizer(list(answers), padding="longest", truncation=True, max_length=max_tokens, return_tensors="pt")
-    ids = enc["input_ids"].clone()
+    ids, mask = encode_questions(tokenizer, answers, max_tokens)
     ids[:, 0] = tokenizer.bos_token_id
-    return ids, enc["attention_mask"], ids.masked_fill(ids == tokenizer.pad_token_id, -100)
+    return ids, mask, ids.masked_fill(ids == tokenizer.pad_token_id, -100)
 
 
 class VQACollator:
@@ -73,34 +65,24 @@ class VQACollator:
         return batch
 
 
-class EpochSampler(Sampler[int]):
-    """Shuffles with a permutation that depends only on (seed, epoch): the data order survives a resume."""
+class EpochSampler(list, Sampler[int]):
+    """``range(n)`` shuffled by a permutation of (seed, epoch) alone: the data order survives a resume."""
 
     def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
+        self.seed = seed
+        self.set_epoch(0, n)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist())
-
-    def __len__(self) -> int:
-        return self.n
+    def set_epoch(self, epoch: int, n: int | None = None) -> None:
+        self[:] = np.random.default_rng([self.seed, epoch]).permutation(n or len(self)).tolist()
 
 
-# ------------------------------------------------------------------------------------------- forward and loss
-def encode_images(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """ViT patch + [CLS] embeddings (after the final layer norm, as BLIP's ``visual_encoder``)."""
+def _images(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:  # ViT tokens, after its final norm
     return component_modules(model)["vit"](pixel_values=pixel_values).last_hidden_state
 
 
-def encode_questions_with_images(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                                 image_embeds: torch.Tensor) -> torch.Tensor:
-    """JTM: question tokens self-attend and cross-attend to all image tokens."""
+def _jtm(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
     image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-    return component_modules(model)["jtm"](input_ids=input_ids, attention_mask=attention_mask,
-                                           encoder_hidden_states=image_embeds,
+    return component_modules(model)["jtm"](input_ids=input_ids, attention_mask=mask, encoder_hidden_states=image_embeds,
                                            encoder_attention_mask=image_mask).last_hidden_state
 
 
@@ -110,8 +92,8 @@ def question_states(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         return batch["question_states"]
     image_embeds = batch.get("image_embeds")
     if image_embeds is None:
-        image_embeds = encode_images(model, batch["pixel_values"])
-    return encode_questions_with_images(model, batch["input_ids"], batch["attention_mask"], image_embeds)
+        image_embeds = _images(model, batch["pixel_values"])
+    return _jtm(model, batch["input_ids"], batch["attention_mask"], image_embeds)
 
 
 def decoder_logits(model: nn.Module, states: torch.Tensor, question_mask: torch.Tensor,
@@ -142,40 +124,27 @@ class VQALoss(nn.Module):
         self.model, self.label_smoothing, self.reduction = model, label_smoothing, reduction
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        states = question_states(self.model, batch)
-        logits = decoder_logits(self.model, states, batch["attention_mask"], batch["answer_ids"],
-                                batch["answer_mask"])
+        logits = decoder_logits(self.model, question_states(self.model, batch), batch["attention_mask"],
+                                batch["answer_ids"], batch["answer_mask"])
         return answer_loss(logits, batch["labels"], self.label_smoothing, self.reduction)
 
 
-# ------------------------------------------------------------------------------------------- frozen features
-def _frozen(module: nn.Module) -> bool:
-    # a PEFT method (prefix/ptv2 included) puts trainable parameters inside the component: never precomputed
-    return not any(p.requires_grad for p in module.parameters())
-
-
 class FrozenFeatures:
-    """One run's precompute, kept on the CPU: image embeddings of a frozen ViT (per image) and question states of
-    a frozen ViT + JTM (per image and question). :meth:`prepare` computes them in no-grad batches before the
-    loop; :meth:`attach` adds them to a batch, computing what is missing (a prompt first drawn later).
-
-    Computed in eval mode, once: MISS keeps its whole model in train mode, so its frozen parts apply dropout
-    and drop-path (paper profile: 0.1) anew each step; ``use_cache=False`` does that too (tiny: no dropout)."""
+    """One run's precompute, on the CPU: image embeddings of a frozen ViT (per image), question states of a frozen
+    ViT + JTM (per image and question); :meth:`prepare` fills them in no-grad batches before the loop,
+    :meth:`attach` adds them to a batch (computing what is missing: a prompt first drawn later). In eval mode:
+    MISS's frozen parts apply dropout/drop-path (paper: 0.1) each step, as ``use_cache=False`` does."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, profile: Profile, *, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, enabled: bool = True, batch_size: int = 32) -> None:
-        comps = component_modules(model)
-        self.model, self.tokenizer, self.profile = model, tokenizer, profile
-        self.device, self.dtype, self.batch_size = torch.device(device), dtype, batch_size
-        self.vit_cached = enabled and _frozen(comps["vit"])
-        self.jtm_cached = self.vit_cached and _frozen(comps["jtm"])
-        self.computed = 0
+        # a PEFT method (prefix/ptv2 included) puts trainable parameters inside its component: never precomputed
+        frozen = {k: not any(p.requires_grad for p in m.parameters()) for k, m in component_modules(model).items()}
+        self.model, self.tokenizer, self.profile, self.dtype = model, tokenizer, profile, dtype
+        self.device, self.batch_size, self.computed = torch.device(device), batch_size, 0
+        self.vit_cached = enabled and frozen["vit"]
+        self.jtm_cached = self.vit_cached and frozen["jtm"]
         self._images: dict[str, torch.Tensor] = {}
         self._questions: dict[tuple[str, str], torch.Tensor] = {}
-
-    @property
-    def needs_pixels(self) -> bool:
-        return not self.vit_cached
 
     def summary(self) -> dict[str, Any]:
         size = sum(t.numel() * t.element_size() for t in [*self._images.values(), *self._questions.values()])
@@ -209,7 +178,7 @@ class FrozenFeatures:
         for j in range(0, len(todo), self.batch_size):
             chunk = todo[j:j + self.batch_size]
             pixels = torch.stack([dataset.pixels(i) for i in chunk]).to(self.device)
-            emb = self._run(encode_images, autocast, pixels)
+            emb = self._run(_images, autocast, pixels)
             for i, e in zip(chunk, emb, strict=True):
                 self._images[dataset.records[i].img_name] = e.clone()  # own storage, not a view of the batch
             self.computed += len(chunk)
@@ -220,8 +189,7 @@ class FrozenFeatures:
             chunk = keys[j:j + self.batch_size]
             ids, mask = encode_questions(self.tokenizer, [q for _, q in chunk], self.profile.max_question_tokens)
             images = torch.stack([self._images[name] for name, _ in chunk]).to(self.device)
-            states = self._run(encode_questions_with_images, autocast, ids.to(self.device), mask.to(self.device),
-                               images)
+            states = self._run(_jtm, autocast, ids.to(self.device), mask.to(self.device), images)
             for key, s, m in zip(chunk, states, mask, strict=True):
                 self._questions[key] = s[: int(m.sum())].clone()  # unpadded: padding is rebuilt per batch
             self.computed += len(chunk)
@@ -245,7 +213,6 @@ class FrozenFeatures:
         return batch
 
 
-# ------------------------------------------------------------------------------------------- memory
 def reset_peak_memory(device: torch.device) -> None:
     """Start a peak-memory window: CUDA's peak counter, or on Linux the process's resident high-water mark."""
     if device.type == "cuda":
@@ -256,7 +223,7 @@ def reset_peak_memory(device: torch.device) -> None:
 
 def peak_memory(device: torch.device) -> dict[str, Any]:
     """The peak since :func:`reset_peak_memory`: CUDA max allocated, or the process's peak resident set (Linux
-    VmHWM: all the process holds, libraries and data included; elsewhere the peak since the process started)."""
+    VmHWM, libraries and data included; elsewhere since the process started)."""
     if device.type == "cuda":
         return {"peak_bytes": int(torch.cuda.max_memory_allocated(device)), "kind": "cuda_max_allocated"}
     if sys.platform.startswith("linux"):
@@ -268,18 +235,15 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
     return {"peak_bytes": int(getattr(info, "peak_wset", info.rss)), "kind": "process_peak_rss_since_start"}
 
 
-# ------------------------------------------------------------------------------------------- loop
 def make_accelerator(grad_accum: int = 1, mixed_precision: str | None = None, cpu: bool | None = None) -> Any:
     """An Accelerator: bf16 autocast on CUDA, fp32 on CPU; ``accelerate launch`` settings are honoured."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
-    if cpu is None:
-        cpu = not torch.cuda.is_available()
-    if mixed_precision is None:
+    cpu = not torch.cuda.is_available() if cpu is None else cpu
+    if mixed_precision is None:  # bf16 on a CPU: emulated without AMX/AVX512-BF16 (README, bench: measured)
         mixed_precision = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
-    # split_batches: the loader yields global batches and each process takes its slice, so N processes
-    # see exactly the data order of one process with the same global batch size
+    # split_batches: each process takes its slice of a global batch (N processes = one with the global batch)
     return Accelerator(cpu=cpu, mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
                        dataloader_config=DataLoaderConfiguration(split_batches=True))
 
@@ -291,11 +255,11 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *, out_dir: str | Path | None = None,
                 resume: bool = False, run_key: str = "", accelerator: Any = None, progress: bool = True) -> dict:
-    """Train ``model`` in place on ``dataset`` (a training :class:`mile_utils.data.VQADataset`) with the settings
-    of ``options`` (a resolved :class:`mile_utils.experiments.RunConfig`). With ``out_dir`` a checkpoint is
-    written each epoch, and ``resume`` continues from one of the same ``run_key``. Returns ``history`` (per
-    epoch), ``train_seconds``/``samples`` (this session), ``cache_seconds``, ``resumed_from_epoch``, ``cached``
-    (:meth:`FrozenFeatures.summary`) and ``memory`` (:func:`peak_memory` of the epoch loops)."""
+    """Train ``model`` in place on ``dataset`` (a training ``VQADataset``) with ``options`` (a resolved
+    ``RunConfig``); with ``out_dir`` a checkpoint each epoch, ``resume`` continues one of the same ``run_key``.
+    Returns ``history`` (per epoch), ``train_seconds``/``samples`` (this session), ``cache_seconds``,
+    ``resumed_from_epoch``, ``cached`` (:meth:`FrozenFeatures.summary`), ``memory`` (:func:`peak_memory`)."""
+    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     from .adapters import adapter_step
@@ -308,7 +272,7 @@ def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *,
         raise ValueError(f"epochs must be at least 1, got {options.epochs}")
     if len(dataset) == 0:
         raise ValueError("no training records")
-    _seed_all(options.seed)
+    set_seed(options.seed)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if options.gradient_checkpointing:
         # non-reentrant: gradients reach adapters inside checkpointed layers even when their inputs are frozen
@@ -316,14 +280,15 @@ def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *,
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the model has no trainable parameters: check the component spec")
-    optimizer = torch.optim.AdamW([p for _, p in named], lr=options.lr, weight_decay=options.weight_decay)
+    optimizer = torch.optim.AdamW([p for _, p in named], lr=options.lr, weight_decay=options.weight_decay,
+                                  foreach=True)  # one kernel per op for all tensors: same numbers, less overhead
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=options.epochs, eta_min=options.min_lr)
 
     model.to(acc.device)
     features = FrozenFeatures(model, tokenizer, prof, device=acc.device, enabled=options.use_cache,
                               dtype=torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32,
                               batch_size=max(options.batch_size, 32))
-    collator = VQACollator(tokenizer, prof, dataset, need_pixels=features.needs_pixels)
+    collator = VQACollator(tokenizer, prof, dataset, need_pixels=not features.vit_cached)
     sampler = EpochSampler(len(dataset), options.seed)
     loader = DataLoader(range(len(dataset)), batch_sampler=BatchSampler(sampler, options.batch_size, False),
                         collate_fn=collator, num_workers=options.num_workers)
@@ -357,11 +322,9 @@ def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *,
     for epoch in range(start_epoch, options.epochs):
         epoch_start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        # Everything random in an epoch derives from (seed, epoch) alone, so epoch e of a resumed run is epoch e
-        # of an uninterrupted one by construction: the dropout RNG is reseeded here, and the epoch goes to the
-        # prepared loader, not only to the sampler (Accelerate's DataLoaderShard.__iter__ re-sets its sampler's
-        # epoch to the number of epochs iterated IN THIS PROCESS, which after a resume is not the epoch).
-        _seed_all(epoch_seed(options.seed, epoch))
+        # all an epoch draws derives from (seed, epoch), so a resumed epoch e is epoch e; the prepared loader gets
+        # the epoch too (its __iter__ re-sets the sampler's to the epochs iterated in THIS process)
+        set_seed(epoch_seed(options.seed, epoch))
         sampler.set_epoch(epoch)
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
@@ -421,17 +384,10 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
-def _seed_all(seed: int) -> None:
-    torch.manual_seed(seed)  # CPU and every CUDA device
-    random.seed(seed)
-    np.random.seed(seed)
-
-
 def _real_rows(step: int, n: int, batch_size: int, num_processes: int, process_index: int,
                local_rows: int) -> tuple[int, int]:
-    """(real rows of this process's slice, real rows of the global batch) at ``step``: under split_batches a
-    process takes rows ``[k B/N, (k+1) B/N)``; a short last batch is padded (even_batches) with samples that must
-    count neither in the loss nor in the gradient. The real rows come first."""
+    """(real rows of this process's slice, of the global batch) at ``step``: process k takes rows [k B/N, (k+1) B/N);
+    a short last batch is padded (even_batches) with rows that count neither in the loss nor the gradient."""
     global_real = min(batch_size, n - step * batch_size)
     start = process_index * (batch_size // num_processes)
     return max(0, min(local_rows, global_real - start)), global_real
@@ -453,12 +409,11 @@ def _check_finite(acc: Any, loss: torch.Tensor, epoch: int, step: int, ckpt_path
 
 
 def _load_trainable(named: list[tuple[str, nn.Parameter]], state: dict[str, torch.Tensor], source: Path) -> None:
-    params = dict(named)
-    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    missing, unexpected = sorted({n for n, _ in named} - set(state)), sorted(set(state) - {n for n, _ in named})
     if missing or unexpected:
         raise ValueError(f"{source} does not match the model's trainable parameters: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
     with torch.no_grad():
-        for name, p in params.items():
+        for name, p in named:
             p.copy_(state[name].to(p.device, p.dtype))
 
