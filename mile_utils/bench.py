@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
+import os
 import statistics
 import tempfile
 import time
@@ -141,7 +142,7 @@ def run_benchmark(profile: str = "tiny", steps: int | None = None, repeats: int 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     steps, repeats = steps or (10 if prof.name == "tiny" else 4), repeats or 7
     batch_size = batch_size or (prof.batch_size if dev.type == "cuda" or prof.name == "tiny" else 2)
-    configs = []
+    configs, load = [], os.getloadavg()  # the machine's 1/5/15-min load: other processes slow both loops
     for spec in specs or DEFAULT_SPECS:
         with multiprocessing.get_context("spawn").Pool(1) as pool:  # leaving the block terminates the process
             job = pool.apply_async(benchmark_spec, (spec, prof.name, steps, repeats, batch_size, str(dev)))
@@ -152,7 +153,8 @@ def run_benchmark(profile: str = "tiny", steps: int | None = None, repeats: int 
     return {"profile": prof.name, "steps": steps, "repeats": repeats, "batch_size": batch_size, "device": str(dev),
             "amortised_over": {"train_questions": SLAKE_TRAIN_QUESTIONS, "images": SLAKE_TRAIN_IMAGES,
                                "epochs": PAPER_EPOCHS},
-            "environment": environment(make_accelerator(cpu=dev.type == "cpu")), "configs": configs}
+            "environment": environment(make_accelerator(cpu=dev.type == "cpu")),
+            "load_average": {"start": load, "end": os.getloadavg()}, "configs": configs}
 
 
 def format_table(report: dict[str, Any]) -> str:
