@@ -376,11 +376,11 @@ def pretrained_stand_in(runs_dir: str | Path, *, seed: int = 0, data_seed: int =
     a frozen random ViT says nothing about freezing. So the stand-in is the tiny model fully trained (T/T/T) on
     the built-in set's ``pretraining`` variant, as MISS's pretraining data differ from SLAKE: other scans and
     questions (generator seed ``data_seed + 1``), and the open questions on abnormality, modality, colour and
-    position never asked (``synthetic.UNASKED``), so their answers are new to it. ``size``, the chapters' set size, picks the stand-in's: the
-    700-image pretraining set for a named size, as many images for a number (quick tests). 3 epochs at batch 16
-    (twice the updates of the profile's batch). Trained once, in ``runs_dir/tiny-pretrained``; returns the
-    folder of the exported model (for ``checkpoint``), named by the stand-in run's identity, so a moved runs
-    folder is found again.
+    position never asked (``synthetic.UNASKED``), so their answers are new to it. ``size`` (the chapters' set)
+    picks the stand-in's: the 700-image pretraining set for a named size, as many images for a number (quick
+    tests). 3 epochs at batch 16 (twice the updates of the profile's batch). Trained once, in
+    ``runs_dir/tiny-pretrained``; returns the folder of the exported model (for ``checkpoint``), named by the
+    stand-in run's identity, so a moved runs folder is found again.
     """
     root = Path(runs_dir) / "tiny-pretrained"
     images = "full" if str(size) in ("small", "full") else size
