@@ -55,7 +55,8 @@ def _finish(ax: Axes, xlabel: str, ylabel: str, title: str | None, legend: str |
         ax.get_legend().remove()
     if len(labels) > 1:  # under the plot (beside it, it would shrink the fonts at page width); one entry says nothing
         ax.figure.set_layout_engine("constrained")
-        ax.figure.legend(handles, labels, title=legend, loc="outside lower center", ncol=min(4, len(labels)),
+        ax.figure.legend(handles, labels, title=legend, loc="outside lower center",
+                         ncol=max(1, min(4, len(labels), 80 // (max(map(len, labels)) + 8))),  # within the width
                          frameon=False)
     if title:
         ax.set_title(title)
