@@ -1,8 +1,5 @@
 # MILE Book. Two commands: `make book` (the main job) and `make test`. Both create .venv on first use.
 SHELL := /bin/bash
-# torch's OpenMP threads sleep instead of spinning when idle: with 2 cores shared, spinning threads made a tiny epoch
-# 5-15x slower (mile_utils sets the same default when it is imported before torch)
-export OMP_WAIT_POLICY ?= PASSIVE
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
