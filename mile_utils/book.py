@@ -77,7 +77,7 @@ def run(configs: Sequence[RunConfig], progress: bool = True) -> pd.DataFrame:
 
 
 def collect(runs_dir: str | Path) -> pd.DataFrame:
-    """Every run under ``runs_dir`` but the stand-in (trained and tested on another instance of the data) and
+    """Every run under ``runs_dir`` but the stand-in (trained and tested on the shifted pretraining data) and
     chapter 10's (``*-beyond``), as :func:`run`'s table (no ``config``) with a ``source`` ("tiny profile, ...")."""
     every = collect_results(runs_dir)
     skip = every["out"].astype(str).str.contains(r"tiny-pretrained|-beyond(?:[/\\]|$)")  # stand-in, chapter 10
@@ -258,7 +258,9 @@ def prefix_noop(configs: Sequence[RunConfig]) -> list[RunConfig]:
 def method_columns(runs: pd.DataFrame) -> pd.DataFrame:
     """:func:`run`'s table plus ``method`` (the one method of a chapter-10 run), ``shape`` (``F/x/x``...) and
     ``s_per_epoch`` (the median wall time of its training epochs, frozen parts' precompute excluded)."""
-    parts = [tuple(row) for row in runs[["vit", "jtm", "dec"]].itertuples(index=False)]
+    from .model import COMPONENTS
+
+    parts = [tuple(row) for row in runs[list(COMPONENTS)].itertuples(index=False)]
     return runs.assign(method=[next(m for m in row if m != "F") for row in parts],
                        shape=["/".join("F" if m == "F" else "x" for m in row) for row in parts],
                        s_per_epoch=[float(pd.Series([h["seconds"] for h in load_results(o)["history"]]).median())
