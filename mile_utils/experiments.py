@@ -25,7 +25,7 @@ import torch
 import transformers
 
 from . import __version__
-from .adapters import RANKED, AdapterSpec, apply_spec, count_parameters, load_adapters, save_adapters
+from .adapters import METHODS, RANKED, AdapterSpec, apply_spec, count_parameters, load_adapters, save_adapters
 from .checkpoints import load_weights
 from .data import ImageTransform, VQADataset, load_records
 from .evaluate import evaluate_model
@@ -57,7 +57,10 @@ class RunConfig:
     size: str | int | None = _opt(None, "built-in set size: full, small, or a number of images")
     epochs: int | None = _opt(None, "default: the profile's")
     batch_size: int | None = _opt(None, "global batch (default: the profile's)")
-    lr: float | None = _opt(None, "initial learning rate (default: the profile's)")
+    lr: float | None = _opt(None, "initial learning rate (default: the profile's); given alone, all parts train at it")
+    method_lr: dict[str, float] | str | None = _opt(
+        None, "initial lr of a method's adapter parameters, e.g. ia3=1e-2,ptv2=3e-2 (default: the profile's table, "
+        "unless --lr is given)")
     min_lr: float | None = _opt(None, "cosine schedule's floor (default: the profile's)")
     weight_decay: float | None = _opt(None, "AdamW weight decay (default: the profile's)")
     seed: int = _opt(0, "initialisation and training seed")
@@ -83,6 +86,14 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self.spec = AdapterSpec.from_dict(self.spec) if isinstance(self.spec, dict) else AdapterSpec.parse(self.spec)
+        if isinstance(self.method_lr, str):  # the CLI's form: ia3=1e-2,ptv2=3e-2
+            pairs = [kv.split("=") for kv in self.method_lr.split(",") if kv]
+            try:
+                self.method_lr = {m.strip(): float(r) for m, r in pairs}
+            except ValueError as err:
+                raise ValueError(f"method_lr {self.method_lr!r}: expected METHOD=LR,... e.g. ia3=1e-2") from err
+        if unknown := set(self.method_lr or ()) - set(METHODS):
+            raise ValueError(f"method_lr names unknown methods {sorted(unknown)}: expected some of {METHODS}")
         get_profile(self.profile)  # fail early on an unknown profile
         if self.eval_method not in ("generate", "rank"):
             raise ValueError(f"eval_method {self.eval_method!r}: expected 'generate' or 'rank'")
@@ -99,17 +110,21 @@ class RunConfig:
                 + ("-noop" if self.spec.jtm_prefix_noop else ""))
 
     def resolved(self) -> RunConfig:
-        """A copy with the profile's defaults filled in and ``out`` set."""
+        """A copy with the profile's defaults filled in and ``out`` set; ``method_lr`` keeps the rates of the spec's
+        methods only (None when none acts, so runs without them keep their identity)."""
         prof, cfg = get_profile(self.profile), replace(self)
         for name in ("epochs", "batch_size", "lr", "min_lr", "weight_decay"):
             if getattr(cfg, name) is None:
                 setattr(cfg, name, getattr(prof, name))
+        if self.method_lr is None and self.lr is None:
+            cfg.method_lr = dict(prof.method_lr)
+        cfg.method_lr = {m: r for m, r in (cfg.method_lr or {}).items() if m in self.spec.methods.values()} or None
         cfg.out = str(cfg.out or Path("runs") / f"{self.profile}-{self.dataset}" / self.slug)
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
-        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "spec": self.spec.to_dict(),
-                "spec_str": self.spec_str}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "method_lr" or self.method_lr is not None}
+        return {**d, "spec": self.spec.to_dict(), "spec_str": self.spec_str}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:

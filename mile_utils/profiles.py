@@ -36,6 +36,10 @@ class Profile:
     num_beams: int = 3  # generation, as in the reference: beam 3, at most 10 tokens, at least 1
     max_answer_length: int = 10
     min_answer_length: int = 1
+    # initial lr of a method's adapter parameters, as (method, lr) pairs (frozen, hashable); the rest train at
+    # ``lr``. Tiny: IA3, P-tuning v2, ... on frozen components barely move at 1e-3 (issue 10's sweep of F/x/x).
+    # Paper: none, the reference trains every part at one rate.
+    method_lr: tuple[tuple[str, float], ...] = ()
 
 
 PAPER = Profile(
@@ -46,7 +50,8 @@ PAPER = Profile(
 TINY = Profile(
     name="tiny", image_size=64, patch_size=8, vit_hidden=128, vit_layers=2, vit_heads=4, vit_mlp=256,
     text_hidden=128, text_layers=2, text_heads=4, text_mlp=256, max_positions=128, vocab_size=None,
-    batch_size=32, lr=1e-3, min_lr=1e-5, weight_decay=0.05, epochs=3, max_question_tokens=35, max_answer_tokens=10)
+    batch_size=32, lr=1e-3, min_lr=1e-5, weight_decay=0.05, epochs=3, max_question_tokens=35, max_answer_tokens=10,
+    method_lr=(("ia3", 1e-2), ("ptv2", 3e-2)))
 PROFILES: dict[str, Profile] = {p.name: p for p in (TINY, PAPER)}
 
 

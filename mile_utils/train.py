@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
+from .adapters import SPEC_ATTR, adapter_step
 from .files import atomic_write
-from .model import ENC_TOKEN, component_modules
+from .model import COMPONENTS, ENC_TOKEN, component_modules
 from .profiles import Profile, get_profile
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -262,8 +263,6 @@ def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *,
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from .adapters import adapter_step
-
     prof = get_profile(options.profile)
     acc = accelerator or make_accelerator(options.grad_accum)
     if options.batch_size % acc.num_processes:
@@ -280,7 +279,8 @@ def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *,
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the model has no trainable parameters: check the component spec")
-    optimizer = torch.optim.AdamW([p for _, p in named], lr=options.lr, weight_decay=options.weight_decay,
+    optimizer = torch.optim.AdamW(_param_groups(model, named, options.lr, options.method_lr or {}),
+                                  lr=options.lr, weight_decay=options.weight_decay,
                                   foreach=True)  # one kernel per op for all tensors: same numbers, less overhead
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=options.epochs, eta_min=options.min_lr)
 
@@ -321,7 +321,7 @@ def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *,
     train_start = time.perf_counter()
     for epoch in range(start_epoch, options.epochs):
         epoch_start = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
+        lr = {g["method"]: g["lr"] for g in optimizer.param_groups}
         # all an epoch draws derives from (seed, epoch), so a resumed epoch e is epoch e; the prepared loader gets
         # the epoch too (its __iter__ re-sets the sampler's to the epochs iterated in THIS process)
         set_seed(epoch_seed(options.seed, epoch))
@@ -358,7 +358,8 @@ def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *,
         total = acc.reduce(torch.stack([loss_sum, torch.tensor(float(seen), device=acc.device,
                                                                  dtype=torch.float64)]), "sum")
         result["samples"] += int(total[1])
-        entry = {"epoch": epoch + 1, "loss": float(total[0] / total[1]), "lr": lr,
+        entry = {"epoch": epoch + 1, "loss": float(total[0] / total[1]), "lr": lr[None],
+                 **({"method_lr": {m: r for m, r in lr.items() if m}} if len(lr) > 1 else {}),
                  "seconds": round(time.perf_counter() - epoch_start, 3), "checkpoint_s": 0.0}
         result["history"].append(entry)
         if ckpt_path is not None:
@@ -377,6 +378,18 @@ def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *,
     if options.gradient_checkpointing:
         base.gradient_checkpointing_disable()
     return result
+
+
+def _param_groups(model: nn.Module, named: list[tuple[str, nn.Parameter]], lr: float,
+                  method_lr: dict[str, float]) -> list[dict[str, Any]]:
+    """AdamW groups: the base group at ``lr`` (first, maybe empty), then one per method of ``method_lr`` that a
+    component of the model's spec uses, holding that component's trainable parameters."""
+    spec = getattr(model, SPEC_ATTR, None)  # set by apply_spec
+    method_of = {COMPONENTS[c]: m for c, m in (spec.methods if spec else {}).items() if m in method_lr}
+    groups: dict[str | None, list[nn.Parameter]] = {None: [], **{m: [] for m in method_of.values()}}
+    for name, p in named:
+        groups[method_of.get(name.split(".", 1)[0])].append(p)
+    return [{"params": ps, "method": m, "lr": method_lr[m] if m else lr} for m, ps in groups.items()]
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

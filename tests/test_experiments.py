@@ -119,11 +119,12 @@ def test_cli_is_generated_from_the_run_config(monkeypatch, capsys):
     monkeypatch.setattr(experiments, "run_experiment", runner)
     with pytest.raises(Reached):
         main(["train", "--vit", "F", "--jtm", "lora", "--dec", "lora", "--rank", "8", "--epochs", "3", "--out", "x",
-              "--no-use-cache", "--max-train-samples", "10", "--lora-dropout", "0.05", "--reference-quirk"])
+              "--no-use-cache", "--max-train-samples", "10", "--lora-dropout", "0.05", "--reference-quirk",
+              "--method-lr", "ia3=0.02"])
     config = seen["config"]
     assert config.spec_str == "F/lora/lora" and config.spec.rank == 8 and config.spec.lora_dropout == 0.05
     assert config.epochs == 3 and config.use_cache is False and config.reference_quirk is True
-    assert config.max_train_samples == 10 and config.out == "x"
+    assert config.max_train_samples == 10 and config.out == "x" and config.method_lr == {"ia3": 0.02}
     assert config.lr is None and config.resolved().lr == get_profile("tiny").lr  # profile default filled
     # every RunConfig field is a flag, with the dataclass's default
     defaults = vars(build_parser("mile").parse_args(["train"]))

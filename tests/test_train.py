@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -164,6 +165,31 @@ def test_trainable_only_in_optimizer_and_checkpoint(tokenizer, tmp_path):
     history = result["history"]
     assert result["cached"]["jtm"] and history[-1]["loss"] < history[0]["loss"]
     assert result["memory"]["peak_bytes"] > 0 and result["cached"]["device"] == "cpu"
+
+
+def test_method_lr_trains_a_method_at_its_rate(tokenizer, tmp_path):
+    """The tiny profile's per-method rates: a table method's adapter parameters get its rate (annealed by the
+    same cosine), the rest the base lr; a run without table methods keeps one rate and its identity."""
+    rate, ia3 = dict(TINY.method_lr)["ia3"], RunConfig(spec="F/ia3/ia3")
+    assert ia3.resolved().method_lr == {"ia3": rate} and ia3.resolved().to_dict()["method_lr"] == {"ia3": rate}
+    assert replace(ia3, lr=1e-3).resolved().method_lr is None  # an explicit lr alone: every part at it
+    assert replace(ia3, lr=1e-3, method_lr="ia3=0.5,lora=2").resolved().method_lr == {"ia3": 0.5}
+    with pytest.raises(ValueError, match="method_lr"):
+        RunConfig(method_lr="ia3:0.5")
+    for spec in ("T/T/T", "F/F/lora", "F/prefix/prefix"):
+        assert "method_lr" not in RunConfig(spec=spec).resolved().to_dict()
+    model = make_model(tokenizer, "T/T/ia3")
+    options = RunConfig(spec="T/T/ia3", epochs=2, batch_size=8).resolved()
+    result = train_model(model, tokenizer, make_dataset(16), options, out_dir=tmp_path, accelerator=make_accelerator(),
+                         progress=False)
+    state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    names = list(state["trainable"])
+    base, group = state["optimizer"]["param_groups"]
+    assert (base["initial_lr"], group["initial_lr"], group["method"]) == (TINY.lr, rate, "ia3")
+    assert {names[i] for i in group["params"]} == {n for n in names if n.startswith("text_decoder.")}
+    assert all("ia3_" in names[i] for i in group["params"]) and len(base["params"]) + len(group["params"]) == len(names)
+    assert [h["method_lr"]["ia3"] for h in result["history"]] == pytest.approx(
+        [cosine_lr(e, 2, rate, TINY.min_lr) for e in range(2)])
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tokenizer, tmp_path, monkeypatch):
