@@ -1,6 +1,6 @@
 """Read MISS/BLIP VQA weights into a model from :func:`mile_utils.model.build_model`: :func:`load_weights`.
 Original BLIP/MISS names are converted to transformers' and ViT positions interpolated; pickles (MILE's
-``train_MILE.py`` checkpoints included) are read by :func:`load_pickle`, which runs no code from the file."""
+``train_MILE.py`` checkpoints included) are read without running code from the file."""
 
 from __future__ import annotations
 
@@ -66,14 +66,7 @@ class LoadReport:
     notes: list[str] = field(default_factory=list)  # config differences kept from the model
 
 
-def convert_blip_state_dict(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """An original BLIP/MISS state dict under transformers' names (others kept), and the keys dropped -> why."""
-    dropped = {k: reason for k in sd for p, reason in _DROPS if p.match(k)}
-    out = {next((p.sub(r, k) for p, r in _RENAMES if p.match(k)), k): v for k, v in sd.items() if k not in dropped}
-    return out, dropped
-
-
-def interpolate_pos_embed(pos_embed: Tensor, num_patches: int) -> Tensor:
+def _interpolate_pos_embed(pos_embed: Tensor, num_patches: int) -> Tensor:
     """ViT position embeddings ``(1, 1 + g*g, D)`` resized to ``num_patches`` positions as BLIP does (cls kept,
     grid bicubic with ``align_corners=False``): lets 224/384 px checkpoints start a 480 px model."""
     old = pos_embed.shape[-2] - 1
@@ -111,7 +104,7 @@ class _Unpickler(pickle._Unpickler):  # the Python implementation: its opcodes c
     dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: load_build}
 
 
-def load_pickle(path: str | os.PathLike[str]) -> Any:
+def _load_pickle(path: Path) -> Any:
     """The object in a ``torch.save`` file, without running code from it: unknown classes (a ruamel config...) become
     inert placeholders. Non-zip (pre-1.6) files go to torch's ``weights_only`` reader, which refuses them."""
     if not zipfile.is_zipfile(path):
@@ -142,29 +135,17 @@ def _list(title: str, keys: list[str]) -> str:  # the first 20 keys, the rest co
     return f"  {title} ({len(keys)}):\n" + "\n".join(f"    {k}" for k in keys[:20]) + more
 
 
-def _load_into(model: torch.nn.Module, sd: dict[str, Tensor], report: LoadReport) -> LoadReport:
-    """Check ``sd`` against the model (ties, names, shapes) and copy it in; raise listing every mismatch."""
-    ties: dict[int, list[str]] = {}  # names that are one tensor in the model (decoder output = word embeddings)
-    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-        ties.setdefault(id(t), []).append(name)
-    for names in (n for n in ties.values() if len(n) > 1 and any(k in sd for k in n)):
-        present = [sd[n] for n in names if n in sd]
-        if any(t.shape != present[0].shape or not torch.equal(t, present[0]) for t in present[1:]):
-            raise CheckpointError(f"{report.source}: {' and '.join(names)} differ, but the model ties them (one "
-                                  "tensor); loading would silently keep only one of them")
-        sd.update({n: present[0] for n in names})
-    target = model.state_dict()
-    missing, unexpected = [k for k in target if k not in sd], [k for k in sd if k not in target]
-    shapes = [f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in target.items()
-              if k in sd and sd[k].shape != v.shape]
+def check_keys(source: str, expected: Mapping[str, Tensor], given: Mapping[str, Tensor]) -> None:
+    """Raise :class:`CheckpointError` listing every key of ``expected`` missing from ``given``, every key of
+    ``given`` not expected, and every shape that differs (model weights here; trainable tensors for adapters)."""
+    missing, unexpected = [k for k in expected if k not in given], [k for k in given if k not in expected]
+    shapes = [f"{k}: {tuple(given[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in given and given[k].shape != v.shape]
     if shapes or missing or unexpected:
-        raise CheckpointError("\n".join([f"{report.source} does not match the model:"] + [_list(title, keys) for
+        raise CheckpointError("\n".join([f"{source} does not match the model:"] + [_list(title, keys) for
                               title, keys in (("missing keys, in the model but not in the checkpoint", missing),
                                               ("unexpected keys, in the checkpoint but not in the model", unexpected),
                                               ("shape mismatches, checkpoint vs model", shapes)) if keys]))
-    model.load_state_dict(sd)
-    report.loaded = len(target)
-    return report
 
 
 def _from_pretrained(model: torch.nn.Module, source: str, report: LoadReport) -> dict[str, Tensor]:
@@ -201,7 +182,7 @@ def load_weights(model: torch.nn.Module, source: str | os.PathLike[str] | Mappin
         report.kind, what = (("safetensors", "safetensors file") if path.suffix == ".safetensors"
                              else ("state_dict", "PyTorch checkpoint"))
         try:
-            obj = load_file(path) if report.kind == "safetensors" else load_pickle(path)
+            obj = load_file(path) if report.kind == "safetensors" else _load_pickle(path)
         except Exception as err:  # corrupt bytes surface as almost any error inside a reader
             raise CheckpointError(f"{path}: not a readable {what} (corrupt, truncated or another format): "
                                   + f"{type(err).__name__}: {err}".splitlines()[0]) from err
@@ -210,10 +191,25 @@ def load_weights(model: torch.nn.Module, source: str | os.PathLike[str] | Mappin
         sd, report.kind = _from_pretrained(model, src, report), "huggingface"
     else:
         raise CheckpointError(f"{src}: no such checkpoint file or folder (and not a hub id like owner/name)")
-    if any(k.startswith("visual_encoder.") for k in sd):
-        sd, report.dropped, report.kind = (*convert_blip_state_dict(sd), "blip")
+    if any(k.startswith("visual_encoder.") for k in sd):  # original BLIP/MISS names: convert
+        report.kind, report.dropped = "blip", {k: why for k in sd for p, why in _DROPS if p.match(k)}
+        sd = {next((p.sub(r, k) for p, r in _RENAMES if p.match(k)), k): v for k, v in sd.items()
+              if k not in report.dropped}
     patches = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
     if POS_KEY in sd and sd[POS_KEY].shape[-2] - 1 != patches:  # another image size: resize the ViT positions
         report.interpolated = (sd[POS_KEY].shape[-2] - 1, patches)
-        sd[POS_KEY] = interpolate_pos_embed(sd[POS_KEY], patches)
-    return _load_into(model, sd, report)
+        sd[POS_KEY] = _interpolate_pos_embed(sd[POS_KEY], patches)
+    ties: dict[int, list[str]] = {}  # names that are one tensor in the model (decoder output = word embeddings)
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        ties.setdefault(id(t), []).append(name)
+    for names in (n for n in ties.values() if len(n) > 1 and any(k in sd for k in n)):
+        present = [sd[n] for n in names if n in sd]
+        if any(t.shape != present[0].shape or not torch.equal(t, present[0]) for t in present[1:]):
+            raise CheckpointError(f"{src}: {' and '.join(names)} differ, but the model ties them (one tensor); "
+                                  "loading would silently keep only one of them")
+        sd.update({n: present[0] for n in names})
+    target = model.state_dict()
+    check_keys(src, target, sd)
+    model.load_state_dict(sd)
+    report.loaded = len(target)
+    return report

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import re
 
 import pytest
 import torch
@@ -277,13 +278,14 @@ def test_load_rejects_mismatches(tmp_path):
     path = tmp_path / "adapter_model.safetensors"
     state = load_file(path)
     save_file({**state, "dec.bogus.weight": torch.zeros(1)}, path)
-    with pytest.raises(ValueError, match=r"adapter_model.safetensors: dec \(lora\) expects 16 tensors.*bogus"):
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors does not match.*\n.*unexpected keys.*\n.*bogus"):
         load_adapters(_model(), spec, tmp_path)
     save_file({k: v for k, v in state.items() if not k.startswith("jtm.")}, path)
-    with pytest.raises(ValueError, match=r"jtm \(lora\) expects 16 tensors, the file has 0"):
+    with pytest.raises(ValueError, match=r"missing keys, in the model but not in the checkpoint \(16\)"):
         load_adapters(_model(), spec, tmp_path)
-    save_file({**state, "vit.x": torch.zeros(1)}, path)
-    with pytest.raises(ValueError, match="33 tensors, of which 32 belong"):
+    first = next(iter(state))
+    save_file({**state, first: state[first][:1]}, path)
+    with pytest.raises(ValueError, match=rf"shape mismatches.*\n    {re.escape(first)}: \(1, "):
         load_adapters(_model(), spec, tmp_path)
     path.unlink()
     with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
@@ -379,8 +381,8 @@ def test_count_parameters_tied_once_and_components_sum():
     assert counts["trainable"] == comps["jtm"]["adapter"] + comps["dec"]["adapter"] > 0
     assert counts["total"] == unique + counts["trainable"]
     assert (comps["jtm"]["method"], comps["vit"]["adapter"]) == ("lora", 0)
-    plain = count_parameters(_model())  # a plain model: everything trains
-    assert plain["components"]["vit"]["method"] == "T"
+    with pytest.raises(ValueError, match="call apply_spec first"):  # a plain model: no spec to describe it by
+        count_parameters(_model())
 
 
 def test_parameter_report_meta_and_tiny():
