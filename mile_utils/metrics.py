@@ -21,7 +21,8 @@ def normalize_answer(text: Any) -> str:
 
 
 def _accuracy(flags: Sequence[bool], z: float = 1.959963984540054) -> dict[str, Any]:
-    """Accuracy with its Wilson 95 % score interval (sane at 0 % and 100 %, unlike p +- z*se)."""
+    """Accuracy with its Wilson 95 % score interval (sane at 0 % and 100 %, unlike p +- z*se). Written out:
+    scipy's ``proportion_ci(method="wilson")`` rounds the last digit differently."""
     n, c = len(flags), int(sum(flags))
     if n == 0:
         return {"accuracy": None, "n": 0, "correct": 0, "ci_low": 0.0, "ci_high": 100.0}
@@ -29,18 +30,6 @@ def _accuracy(flags: Sequence[bool], z: float = 1.959963984540054) -> dict[str, 
     centre, half = (p + z * z / (2 * n)) / denom, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return {"accuracy": 100 * c / n, "n": n, "correct": c, "ci_low": 100 * max(0.0, centre - half),
             "ci_high": 100 * min(1.0, centre + half)}
-
-
-def _prediction_map(predictions: Mapping[Any, Any] | Iterable[Mapping[str, Any]]) -> dict[str, str]:
-    rows = [{"qid": k, "prediction": v} for k, v in predictions.items()] if isinstance(predictions, Mapping) \
-        else predictions
-    out: dict[str, str] = {}
-    for i, row in enumerate(rows):
-        if not isinstance(row, Mapping) or "qid" not in row or "prediction" not in row or str(row["qid"]) in out:
-            raise ValueError(f"prediction {i}: expected a mapping with 'qid' and 'prediction', each qid predicted "
-                             f"once; got {row!r}")
-        out[str(row["qid"])] = "" if row["prediction"] is None else str(row["prediction"])
-    return out
 
 
 def _token_scores(pred: str, gold: str) -> tuple[float, ...]:
@@ -72,14 +61,21 @@ def _yes_no_prf(gold: list[str], pred: list[str]) -> dict[str, Any]:
 def compute_metrics(predictions: Mapping[Any, Any] | Iterable[Mapping[str, Any]], records: Sequence[Any], *,
                     missing: str = "error") -> dict[str, Any]:
     """All metrics of ``predictions`` (qid -> answer, or rows with ``qid`` and ``prediction``) on ``records``
-    (:class:`~mile_utils.data.Record` or mappings with ``qid, answer, answer_type, content_type``); qids compare
-    as strings. A prediction for an unknown qid is an error; so is a record without one, unless ``missing="wrong"``
-    (counted wrong, listed under ``missing``). Returns ``open/closed/global``, ``yes_no``, ``closed_prf`` (yes
-    positive, confusion matrix), ``open_tokens`` (mean token P/R/F1, BLEU-1 over OPEN questions), ``content_types``.
-    """
+    (with ``qid, answer, answer_type, content_type`` attributes); qids compare as strings. A prediction for an
+    unknown qid is an error; so is a record without one, unless ``missing="wrong"`` (counted wrong, listed under
+    ``missing``). Returns ``open/closed/global``, ``yes_no``, ``closed_prf`` (yes positive, confusion matrix),
+    ``open_tokens`` (mean token P/R/F1, BLEU-1 over OPEN questions), ``content_types``."""
     if missing not in ("error", "wrong"):
         raise ValueError(f"missing={missing!r}: expected 'error' or 'wrong'")
-    preds, gold_by_qid = _prediction_map(predictions), {}
+    rows = [{"qid": k, "prediction": v} for k, v in predictions.items()] if isinstance(predictions, Mapping) \
+        else predictions
+    preds: dict[str, str] = {}
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping) or "qid" not in row or "prediction" not in row or str(row["qid"]) in preds:
+            raise ValueError(f"prediction {i}: expected a mapping with 'qid' and 'prediction', each qid predicted "
+                             f"once; got {row!r}")
+        preds[str(row["qid"])] = "" if row["prediction"] is None else str(row["prediction"])
+    gold_by_qid: dict[str, Any] = {}
     for rec in records:
         if str(rec.qid) in gold_by_qid:
             raise ValueError(f"records: qid {str(rec.qid)!r} appears twice; metrics match by qid")
@@ -90,7 +86,7 @@ def compute_metrics(predictions: Mapping[Any, Any] | Iterable[Mapping[str, Any]]
     if absent and missing == "error":
         raise ValueError(f"{len(absent)} record(s) have no prediction, e.g. qids {absent[:5]} "
                          "(pass missing='wrong' to count them wrong)")
-    groups: dict[str, list[bool]] = {k: [] for k in ("open", "closed", "yn_open", "yn_closed", "global")}
+    groups: dict[str, list[bool]] = defaultdict(list)
     yes_no: list[tuple[str, str]] = []
     sums, n_open = [0.0] * 4, 0  # token scores added in record order, as ever (sum() may round differently)
     for qid, rec in gold_by_qid.items():
@@ -98,12 +94,12 @@ def compute_metrics(predictions: Mapping[Any, Any] | Iterable[Mapping[str, Any]]
         closed, yn = str(rec.answer_type).strip().upper() == "CLOSED", gold in ("yes", "no")
         for group in ("closed" if closed else "open", "yn_closed" if yn else "yn_open", "global",
                       "type:" + str(rec.content_type)):
-            groups.setdefault(group, []).append(qid in preds and pred == gold)
+            groups[group].append(qid in preds and pred == gold)
         yes_no += [(gold, pred)] if yn else []
         if not closed:
             sums, n_open = [a + b for a, b in zip(sums, _token_scores(pred, gold), strict=True)], n_open + 1
     mean = [100 * total / n_open if n_open else None for total in sums]
-    acc = {k: _accuracy(v) for k, v in groups.items()}
+    acc = {k: _accuracy(groups[k]) for k in ("open", "closed", "yn_open", "yn_closed", "global", *groups)}
     return {"n": len(groups["global"]), "open": acc["open"], "closed": acc["closed"], "global": acc["global"],
             "yes_no": {"open": acc["yn_open"], "closed": acc["yn_closed"], "global": acc["global"]},
             "closed_prf": _yes_no_prf([g for g, _ in yes_no], [p for _, p in yes_no]),
@@ -112,13 +108,13 @@ def compute_metrics(predictions: Mapping[Any, Any] | Iterable[Mapping[str, Any]]
             "missing": len(absent), "missing_qids": absent[:20]}
 
 
-def _most_common(counter: Counter) -> str:
-    return min(counter.items(), key=lambda kv: (-kv[1], kv[0]))[0]  # ties alphabetical: order-independent
+def _most_common(answers: Iterable[str]) -> str:
+    return min(Counter(answers).items(), key=lambda kv: (-kv[1], kv[0]))[0]  # ties alphabetical: order-independent
 
 
 def majority_baseline(train: Sequence[Any], test: Sequence[Any]) -> dict[str, Any]:
     """Metrics (and ``predictions``) of answering every test question with the most frequent training answer."""
-    answer = _most_common(Counter(normalize_answer(r.answer) for r in train))
+    answer = _most_common(normalize_answer(r.answer) for r in train)
     preds = {r.qid: answer for r in test}
     return {"baseline": "majority", "prediction": answer, "predictions": preds, **compute_metrics(preds, test)}
 
@@ -126,13 +122,12 @@ def majority_baseline(train: Sequence[Any], test: Sequence[Any]) -> dict[str, An
 def question_only_baseline(train: Sequence[Any], test: Sequence[Any]) -> dict[str, Any]:
     """Metrics of the most frequent training answer to the same (normalised) question text, else the overall
     majority: an upper bound on what the question text alone gives here."""
-    per_question: dict[str, Counter] = defaultdict(Counter)
+    per_question: dict[str, list[str]] = defaultdict(list)
     for r in train:
-        per_question[normalize_answer(r.question)][normalize_answer(r.answer)] += 1
-    fallback = _most_common(Counter(normalize_answer(r.answer) for r in train))
-    counters = [per_question.get(normalize_answer(r.question)) for r in test]
-    preds = {r.qid: _most_common(c) if c else fallback for r, c in zip(test, counters, strict=True)}
-    seen = 100 * sum(c is not None for c in counters) / len(test) if test else 0.0
+        per_question[normalize_answer(r.question)].append(normalize_answer(r.answer))
+    fallback = [_most_common(normalize_answer(r.answer) for r in train)]
+    preds = {r.qid: _most_common(per_question.get(normalize_answer(r.question), fallback)) for r in test}
+    seen = 100 * sum(normalize_answer(r.question) in per_question for r in test) / len(test) if test else 0.0
     return {"baseline": "question-only", "seen_questions": seen, "predictions": preds, **compute_metrics(preds, test)}
 
 

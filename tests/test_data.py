@@ -14,17 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mile_utils.data import (
-    CLIP_MEAN,
-    CLIP_STD,
-    ImageTransform,
-    Record,
-    VQADataset,
-    generate_synthetic,
-    load_records,
-    summarize_dataset,
-    synthetic_dir,
-)
+from mile_utils.data import ImageTransform, Record, VQADataset, load_records, summarize_dataset, synthetic_dir
+from mile_utils.data.records import CLIP_MEAN, CLIP_STD
 from mile_utils.data.synthetic import UNASKED
 from mile_utils.metrics import majority_baseline, question_only_baseline
 
@@ -42,9 +33,9 @@ def small_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_synthetic_same_seed_same_bytes(tmp_path: Path) -> None:
-    a = generate_synthetic(tmp_path / "a", size=8, seed=3)
-    b = generate_synthetic(tmp_path / "b", size=8, seed=3)
-    c = generate_synthetic(tmp_path / "c", size=8, seed=4)
+    a = synthetic_dir(size=8, seed=3, cache_dir=tmp_path / "a")
+    b = synthetic_dir(size=8, seed=3, cache_dir=tmp_path / "b")
+    c = synthetic_dir(size=8, seed=4, cache_dir=tmp_path / "c")
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
@@ -106,8 +97,7 @@ def test_synthetic_not_solvable_from_the_question(small_root: Path) -> None:
 
 def test_synthetic_pretraining_variant_drops_only_the_unasked_forms(tmp_path: Path) -> None:
     """The stand-in's set: the same scans and draws, minus the open questions the chapters' set adds."""
-    std, pre = generate_synthetic(tmp_path / "a", size=12, seed=2), generate_synthetic(tmp_path / "b",
-                                                                                   size="pretraining:12", seed=2)
+    std, pre = (synthetic_dir(size=size, seed=2, cache_dir=tmp_path) for size in (12, "pretraining:12"))
     assert [p.read_bytes() for p in sorted((std / "imgs").iterdir())] == \
         [p.read_bytes() for p in sorted((pre / "imgs").iterdir())]
     for split in ("train", "validation", "test"):

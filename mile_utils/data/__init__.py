@@ -2,12 +2,9 @@
 loaders, BLIP image preprocessing and MILE's instruction-format prompts."""
 
 from .instruction import INSTRUCTION_TEMPLATES, InstructionFormatter, truncation_report, write_instruction_json
-from .loaders import DATASETS, load_records, summarize_dataset
-from .records import CLIP_MEAN, CLIP_STD, ImageTransform, Record, VQADataset, is_yes_no, normalize_split
-from .synthetic import generate_synthetic, synthetic_dir
+from .loaders import load_records, summarize_dataset
+from .records import ImageTransform, Record, VQADataset
+from .synthetic import synthetic_dir
 
-__all__ = [
-    "CLIP_MEAN", "CLIP_STD", "DATASETS", "INSTRUCTION_TEMPLATES", "ImageTransform", "InstructionFormatter",
-    "Record", "VQADataset", "generate_synthetic", "is_yes_no", "load_records", "normalize_split",
-    "summarize_dataset", "synthetic_dir", "truncation_report", "write_instruction_json",
-]
+__all__ = ["INSTRUCTION_TEMPLATES", "ImageTransform", "InstructionFormatter", "Record", "VQADataset",
+           "load_records", "summarize_dataset", "synthetic_dir", "truncation_report", "write_instruction_json"]

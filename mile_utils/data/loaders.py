@@ -13,15 +13,16 @@ from typing import Any
 from huggingface_hub import snapshot_download
 
 from ..files import atomic_folder
-from .records import SPLITS, Record, collect, is_yes_no, normalize_split
+from .records import Record, collect, is_yes_no
 from .synthetic import default_cache_dir, synthetic_dir
 
 DATASETS = ("synthetic", "slake", "vqa-rad", "instruction")
 HUB_IDS = {"slake": "BoKelvin/SLAKE", "vqa-rad": "flaviagiammarino/vqa-rad"}
-OSF_VQA_RAD_JSON = "VQA_RAD Dataset Public.json"
-OSF_PHRASES = {"freeform": "train", "para": "train", "test_freeform": "test", "test_para": "test"}
 # file names per split: the official Slake1.0 ships validate.json, the built-in set validation.json
 SPLIT_FILES = {"train": ("train",), "validation": ("validation", "validate", "val"), "test": ("test",)}
+SPLIT_ALIASES = {"val": "validation", "valid": "validation", "validate": "validation", "dev": "validation"}
+OSF_JSON, OSF_IMAGES = "VQA_RAD Dataset Public.json", "VQA_RAD Image Folder"
+OSF_PHRASES = {"freeform": "train", "para": "train", "test_freeform": "test", "test_para": "test"}
 
 
 def _read_json_list(path: Path) -> list[dict[str, Any]]:
@@ -90,8 +91,7 @@ def _vqa_rad(target: Path, split: str, images: Path | None) -> list[dict[str, An
     question, answer; no answer type: CLOSED = yes/no; qid ``<split>_<row>``; images named by their bytes' hash)."""
     import pyarrow.parquet as pq
 
-    if target.is_dir() and (target / OSF_VQA_RAD_JSON).is_file():
-        target = target / OSF_VQA_RAD_JSON
+    target = target / OSF_JSON if (target / OSF_JSON).is_file() else target
     held = _parquet_split(target) if target.suffix.lower() == ".parquet" else split
     if target.is_file() and held != split:
         raise ValueError(f"{target} holds split {held!r}, not {split!r} (--split / split=): pass the {split} "
@@ -99,15 +99,12 @@ def _vqa_rad(target: Path, split: str, images: Path | None) -> list[dict[str, An
                          f"cannot tell which split {target} holds: a hub parquet file is named <split>-*.parquet")
     files = [target] if target.is_file() else sorted(p for p in target.rglob("*.parquet") if _parquet_split(p) == split)
     if not files:
-        raise FileNotFoundError(f"no '{OSF_VQA_RAD_JSON}' and no parquet file of split {split!r} under {target} "
+        raise FileNotFoundError(f"no '{OSF_JSON}' and no parquet file of split {split!r} under {target} "
                                 f"(expected e.g. data/{split}-00000-of-00001.parquet, as on the hub)")
-    out = []
+    out: list[dict[str, Any]] = []
     for file in files:
-        osf = file.suffix.lower() == ".json"
-        if osf:
-            rows = _read_json_list(file)
-            folder = images or file.parent / "VQA_RAD Image Folder"
-            folder = folder if folder.is_dir() else file.parent
+        if osf := file.suffix.lower() == ".json":
+            rows, folder = _read_json_list(file), images or file.parent / OSF_IMAGES
         else:
             table = pq.read_table(file)
             if {"image", "question", "answer"} - set(table.column_names):
@@ -116,10 +113,9 @@ def _vqa_rad(target: Path, split: str, images: Path | None) -> list[dict[str, An
         qids, offset = [raw.get("qid") for raw in rows], len(out)  # hub qids count rows over all its files
         own_qids = None not in qids and len({str(q) for q in qids}) == len(qids)
         for raw in rows:
-            i = raw["index"]
+            i, image = raw["index"], raw.get("image") or {}
             raw["qid"] = raw.get("qid") if own_qids else i if osf else f"{split}_{offset + i:05d}"
             phrase = str(raw.get("phrase_type") or "").strip().lower()
-            image = raw.get("image") or {}
             if "bad" in raw:
                 pass
             elif osf and phrase not in OSF_PHRASES:
@@ -129,7 +125,7 @@ def _vqa_rad(target: Path, split: str, images: Path | None) -> list[dict[str, An
                 continue
             elif osf:
                 raw.update(img_name=raw.get("image_name"), content_type=raw.get("question_type"),
-                           image_root=str(folder))
+                           image_root=str(folder if folder.is_dir() else file.parent))
             elif image.get("bytes") is None:
                 raw["bad"] = ("image", "no image bytes in this row")
             else:
@@ -166,20 +162,25 @@ def _load(dataset: str, split: str, *, root: str | Path | None = None, path: str
     key = {"vqarad": "vqa-rad"}.get(k := str(dataset).strip().lower().replace("_", "-"), k)
     if key not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r} (--dataset / dataset=): expected one of {list(DATASETS)}")
-    split = normalize_split(split, ("train", "test") if key == "vqa-rad" else SPLITS, key)
+    allowed = ("train", "test") if key == "vqa-rad" else tuple(SPLIT_FILES)
+    name = SPLIT_ALIASES.get(str(split).strip().lower(), str(split).strip().lower())
+    if name not in allowed:
+        raise ValueError(f"unknown split {split!r} for dataset {key!r} (--split / split=): expected one of "
+                         f"{list(allowed)} (aliases: {', '.join(SPLIT_ALIASES)})")
+    split = name
     root_p, path_p = (Path(p).expanduser() if p is not None else None for p in (root, path))
     local, hub_id = path_p or root_p, HUB_IDS.get(key) if hub is True else str(hub) if hub else None
-    # images: --root when a file is given with --path, else next to the file
-    images = root_p if path_p else None
+    images = root_p if path_p else None  # images: --root when a file is given with --path, else next to the file
     if key == "synthetic":
         rows = _slake(synthetic_dir(size=size, seed=seed, cache_dir=root_p), split, "en")
-    elif local is not None and key != "instruction":
-        rows = _slake(root_p or path_p.parent, split, lang) if key == "slake" else _vqa_rad(local, split, images)  # type: ignore[union-attr]
-    elif local is not None:
+    elif local is not None and key == "instruction":
         rows = _instruction(local, split, images)
-    elif hub_id and key in HUB_IDS:
-        rows = _slake_hub(hub_id, split, lang) if key == "slake" else _vqa_rad(_hub_snapshot(hub_id, ["*.parquet"]),
-                                                                                split, None)
+    elif local is not None:
+        rows = _slake(root_p or path_p.parent, split, lang) if key == "slake" else _vqa_rad(local, split, images)  # type: ignore[union-attr]
+    elif hub_id and key == "slake":
+        rows = _slake_hub(hub_id, split, lang)
+    elif hub_id and key == "vqa-rad":
+        rows = _vqa_rad(_hub_snapshot(hub_id, ["*.parquet"]), split, None)
     else:
         hint = f", or --hub (python: hub=True) to download {HUB_IDS[key]}" if key in HUB_IDS else ""
         raise FileNotFoundError(f"{key} needs a local copy: --root (python: root=...) for the dataset folder "
@@ -197,7 +198,8 @@ def load_records(dataset: str = "synthetic", split: str = "train", **kwargs: Any
     validation split; ``lang`` keeps one language, None all), ``vqa-rad`` (``path`` = the OSF json or a hub parquet
     file/folder, or ``root`` = a folder with either; train/test only) or ``instruction`` (``path`` = a MILE
     instruction JSON, or ``root`` with ``<split>.json``; images under ``root``, default next to the file).
-    ``hub=True`` (or a hub id) downloads SLAKE or VQA-RAD from the Hugging Face hub.
+    ``hub=True`` (or a hub id) downloads SLAKE or VQA-RAD from the Hugging Face hub. Splits: train, validation
+    (alias val, valid, validate, dev), test.
 
     Bad records raise ValueError/FileNotFoundError naming file, position in the file, qid and field;
     ``skip_bad=True`` (CLI ``--skip-bad``) drops them with a warning that lists them. Image files must exist;

@@ -16,19 +16,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-SPLITS = ("train", "validation", "test")
-SPLIT_ALIASES = {"val": "validation", "valid": "validation", "validate": "validation", "dev": "validation"}
-SKIP_HINT = "pass --skip-bad (python: skip_bad=True) to skip bad records and list them"
-
-
-def normalize_split(split: str, allowed: Iterable[str] = SPLITS, dataset: str = "") -> str:
-    """``val``/``validate``/``valid``/``dev`` -> ``validation``; a split outside ``allowed`` is an error."""
-    name = SPLIT_ALIASES.get(str(split).strip().lower(), str(split).strip().lower())
-    if name not in tuple(allowed):
-        where = f" for dataset {dataset!r}" if dataset else ""
-        raise ValueError(f"unknown split {split!r}{where} (--split / split=): expected one of {list(allowed)}"
-                         f" (aliases: {', '.join(SPLIT_ALIASES)})")
-    return name
+# BLIP (and MISS) normalise with CLIP's statistics, not ImageNet's
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def is_yes_no(answer: str) -> bool:
@@ -66,38 +56,25 @@ class Record:
     def image_path(self) -> Path | None:
         return Path(self.image_root) / self.img_name if self.image_root is not None else None
 
-    def load_image(self) -> Image.Image:
-        """The image as PIL RGB (grayscale scans are replicated to three channels, as BLIP expects)."""
+    def load_image(self, decode: bool = True) -> Image.Image | None:
+        """The image as PIL RGB (grayscale scans replicated to three channels, as BLIP expects); ``decode=False``
+        only checks that it is there. FileNotFoundError or ValueError say what is wrong."""
+        path, data = self.image_path, self.image_bytes
+        if data is None and (path is None or not path.is_file()):
+            raise FileNotFoundError(f"image file {path} not found" if path else
+                                    f"record qid={self.qid!r} has no image: no file, no embedded bytes")
         try:
-            return open_image(self.image_path, self.image_bytes)
-        except (FileNotFoundError, ValueError) as err:
-            raise type(err)(f"{err} (record qid={self.qid!r})") from err
+            if decode:
+                with Image.open(io.BytesIO(data) if data is not None else path) as img:  # type: ignore[arg-type]
+                    return img.convert("RGB")
+            return None
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            where = path if data is None else f"bytes of record qid={self.qid!r}"
+            raise ValueError(f"image {where} is unreadable: {err}") from err
 
 
-def open_image(path: Path | None, data: bytes | None, decode: bool = True) -> Image.Image | None:
-    """RGB image from embedded bytes or a file (``decode=False``: only check it is there); else FileNotFoundError
-    or ValueError saying what is wrong."""
-    if data is None and (path is None or not path.is_file()):
-        raise FileNotFoundError(f"image file {path} not found" if path else "no image: no file, no embedded bytes")
-    if not decode:
-        return None
-    try:
-        with Image.open(io.BytesIO(data) if data is not None else path) as img:  # type: ignore[arg-type]
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise ValueError(f"image {path if data is None else 'bytes'} is unreadable: {err}") from err
-
-
-def _describe(problem: Mapping[str, Any]) -> str:
-    return (f"{problem['file']}: record {problem['index']} (qid={problem['qid']!r}), "
-            f"field {problem['field']!r}: {problem['message']}")
-
-
-def _problem(raw: Mapping[str, Any], names: Mapping[str, str], verify: bool,
-             checked: dict[tuple[Any, str], str]) -> tuple[str, str] | None:
-    """(field as the file names it, what is wrong) of one raw record, or None when it is usable."""
-    if "bad" in raw:
-        return raw["bad"]
+def _field_problem(raw: Mapping[str, Any], names: Mapping[str, str]) -> tuple[str, str] | None:
+    """(field as the file names it, what is wrong) of one raw record's text fields, or None when they are usable."""
     for name in ("img_name", "question", "answer", "qid"):
         value = raw.get(name)
         # a null reads as None from parquet and NaN from json: a bad record, never the answer "nan"
@@ -107,59 +84,61 @@ def _problem(raw: Mapping[str, Any], names: Mapping[str, str], verify: bool,
             return names.get(name, name), f"expected text, got {type(value).__name__}"
     if str(raw.get("answer_type") or "").strip().upper() not in ("OPEN", "CLOSED"):
         return "answer_type", f"{raw.get('answer_type')!r}: expected OPEN or CLOSED"
-    root, name = raw.get("image_root"), str(raw["img_name"]).strip()
-    if (root, name) not in checked:  # each image checked once (SLAKE asks ~10 questions per image)
-        try:  # the image must be there; decoding it (verify) is the slow, optional part
-            open_image(Path(root) / name if root else None, raw.get("image_bytes"), verify)
-            checked[root, name] = ""
-        except (FileNotFoundError, ValueError) as err:
-            checked[root, name] = str(err)
-    return (names.get("img_name", "img_name"), checked[root, name]) if checked[root, name] else None
+    return None
 
 
 def collect(rows: Iterable[Mapping[str, Any]], *, dataset: str, split: str, source: str, skip_bad: bool,
             verify: bool = False, names: Mapping[str, str] | None = None,
             empty_hint: str = "") -> tuple[list[Record], list[dict[str, Any]]]:
     """Records, and problems (file, index = position in the file, qid, field, message), of raw rows in SLAKE's
-    field names that carry their ``file`` and ``index``. Bad rows raise (FileNotFoundError for a missing image)
-    unless ``skip_bad``; a repeated qid is bad (predictions are matched by qid); no usable record is an error."""
+    field names that carry their ``file`` and ``index`` (and ``bad``: a problem the loader found). Bad rows raise
+    (FileNotFoundError for a missing image) unless ``skip_bad``; a repeated qid is bad (predictions are matched by
+    qid); no usable record is an error. Images must exist; ``verify`` decodes each one (once: SLAKE asks ~10
+    questions per image)."""
     records: list[Record] = []
     problems: list[dict[str, Any]] = []
-    seen: set[str] = set()
     checked: dict[tuple[Any, str], str] = {}
+    seen: set[str] = set()
+    names = names or {}
     for raw in rows:
-        bad = _problem(raw, names or {}, verify, checked)
-        if bad is None and str(raw["qid"]) in seen:
-            bad = ("qid", "duplicate qid in this split")
+        bad = raw.get("bad") or _field_problem(raw, names)
+        if bad is None:
+            answer = raw["answer"]  # numbers stored as numbers: 2.0 and 2 both read "2"
+            answer = str(int(answer)) if isinstance(answer, float) and answer.is_integer() else str(answer).strip()
+            rec = Record(
+                img_name=str(raw["img_name"]).strip(), question=str(raw["question"]).strip(), answer=answer,
+                answer_type=str(raw["answer_type"]).strip().upper(), qid=raw["qid"], split=split,
+                content_type=str(raw.get("content_type") or "unknown").strip(), image_root=raw.get("image_root"),
+                q_lang=str(raw.get("q_lang") or "en"), prompts=tuple(raw.get("prompts") or ()),
+                image_bytes=raw.get("image_bytes"))
+            if (key := (rec.image_root, rec.img_name)) not in checked:
+                try:
+                    rec.load_image(verify)
+                    checked[key] = ""
+                except (FileNotFoundError, ValueError) as err:
+                    checked[key] = str(err)
+            bad = ((names.get("img_name", "img_name"), checked[key]) if checked[key] else
+                   ("qid", "duplicate qid in this split") if str(rec.qid) in seen else None)
         if bad is not None:
             problems.append({"file": raw["file"], "index": raw["index"], "qid": raw.get("qid"), "field": bad[0],
                              "message": bad[1]})
             continue
-        seen.add(str(raw["qid"]))
-        answer = raw["answer"]  # numbers stored as numbers: 2.0 and 2 both read "2"
-        answer = str(int(answer)) if isinstance(answer, float) and answer.is_integer() else str(answer).strip()
-        records.append(Record(
-            img_name=str(raw["img_name"]).strip(), question=str(raw["question"]).strip(), answer=answer,
-            answer_type=str(raw["answer_type"]).strip().upper(), qid=raw["qid"], split=split,
-            content_type=str(raw.get("content_type") or "unknown").strip(), image_root=raw.get("image_root"),
-            q_lang=str(raw.get("q_lang") or "en"), prompts=tuple(raw.get("prompts") or ()),
-            image_bytes=raw.get("image_bytes")))
+        seen.add(str(rec.qid))
+        records.append(rec)
+    described = [f"{p['file']}: record {p['index']} (qid={p['qid']!r}), field {p['field']!r}: {p['message']}"
+                 for p in problems]
     if problems and not skip_bad:
         more = f"{len(problems) - 1} more bad records; " if len(problems) > 1 else ""
         error = FileNotFoundError if "not found" in problems[0]["message"] else ValueError
-        raise error(f"{_describe(problems[0])} ({more}{SKIP_HINT})")
+        raise error(f"{described[0]} ({more}pass --skip-bad (python: skip_bad=True) to skip bad records and list "
+                    "them)")
     if not records:
         raise ValueError(f"{source}: split {split!r} of dataset {dataset!r} has no usable records{empty_hint}"
                          + (f" ({len(problems)} skipped as bad)" if problems else ""))
     if problems:
-        warnings.warn(f"skipped {len(problems)} bad records of {source} (skip_bad): "
-                      + "; ".join(_describe(p) for p in problems[:5]), stacklevel=3)
+        warnings.warn(f"skipped {len(problems)} bad records of {source} (skip_bad): " + "; ".join(described[:5]),
+                      stacklevel=3)
     return records, problems
-
-
-# BLIP (and MISS) normalise with CLIP's statistics, not ImageNet's
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
@@ -176,10 +155,9 @@ class ImageTransform:
             raise ValueError(f"image_size must be a positive number of pixels, got {self.image_size!r}")
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        img, size = image.convert("RGB"), int(self.image_size)
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.BICUBIC)
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+        size = int(self.image_size)  # PIL's resize to the same size is a plain copy
+        img = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+        x = torch.from_numpy(np.array(img, dtype=np.float32)).permute(2, 0, 1) / 255.0
         if self.reference_quirk:
             return x / 255.0
         return (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)

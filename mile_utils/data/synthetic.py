@@ -1,14 +1,8 @@
-"""The built-in ``synthetic`` Med-VQA set: brain MRI slices from real anatomy with controlled findings.
-
-Anatomy: the MNI152 template and tissue maps ``nilearn`` ships (nothing is downloaded). Each image is an axial,
-coronal or sagittal slice in T1 or a T2-like contrast with 0-2 round lesions of random side, size and intensity;
-questions follow SLAKE's mould and content types. Answers are balanced within each question text (a question-only
-model stays near chance); lesions are >= ~4 px across at 64 px; each image has its own seed ``(seed, index)``, so
-a bigger set holds the smaller ones' images; left/right are the patient's. Written in SLAKE's layout plus
-``meta.json`` (ground truth per image) and ``manifest.json`` (sizes, SHA-256 per file) into a cache folder that
-appears only once complete. The ``pretraining`` variant (``size="pretraining[:N]"``), the tiny stand-in's data,
-has the same scans and draws but never asks the :data:`UNASKED` forms: their answers are new to a model trained on it.
-"""
+"""The built-in ``synthetic`` Med-VQA set: brain MRI slices from real anatomy (the MNI152 template and tissue maps
+``nilearn`` ships) in T1 or a T2-like contrast, with 0-2 lesions of random side, size and intensity; questions in
+SLAKE's mould, answers balanced within each question text (a question-only model stays near chance). Each image has
+its own seed ``(seed, index)``, so a bigger set holds the smaller ones' images. The ``pretraining`` variant (the tiny
+stand-in's data) has the same scans and draws but never asks the :data:`UNASKED` forms."""
 
 from __future__ import annotations
 
@@ -52,16 +46,10 @@ def _volumes() -> dict[str, np.ndarray]:
     """T1 template, grey and white matter maps at 1 mm, as float32 in [0, 1]; read from nilearn's wheel."""
     import nibabel as nib  # nilearn's dependency; importing nibabel alone avoids nilearn's slow import
 
-    spec = importlib.util.find_spec("nilearn")
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError("the synthetic dataset needs nilearn (it ships the MNI152 template): "
-                                "pip install nilearn")
-    folder = Path(spec.origin).parent / "datasets" / "data"
-    paths = {key: folder / f"mni_icbm152_{key}_tal_nlin_sym_09a_converted.nii.gz" for key in ("t1", "gm", "wm")}
-    if missing := [str(path) for path in paths.values() if not path.is_file()]:
-        raise FileNotFoundError(f"MNI152 template files {missing} not found: this nilearn version does not ship "
-                                "them (nilearn >= 0.10 does)")
-    return {key: np.asarray(nib.load(str(path)).dataobj, dtype=np.float32) / 255.0 for key, path in paths.items()}
+    # a missing file (a nilearn older than 0.10) raises FileNotFoundError naming it
+    folder = Path(importlib.util.find_spec("nilearn").origin).parent / "datasets" / "data"
+    return {key: np.asarray(nib.load(folder / f"mni_icbm152_{key}_tal_nlin_sym_09a_converted.nii.gz").dataobj,
+                            dtype=np.float32) / 255.0 for key in ("t1", "gm", "wm")}
 
 
 def _slice(plane: str, index: int, modality: str) -> np.ndarray:
@@ -243,11 +231,10 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MILE_DATA_DIR") or Path.home() / ".cache" / "mile_book").expanduser()
 
 
-def generate_synthetic(out_dir: str | Path, *, size: int | str | None = None, seed: int = 0) -> Path:
-    """Write the set into ``out_dir`` (created; must not exist or be empty) and return it."""
-    n_images, variant = parse_size(size)
-    out = Path(out_dir)
-    (out / "imgs").mkdir(parents=True, exist_ok=True)
+def _write(out: Path, n_images: int, variant: str, seed: int) -> None:
+    """Write the set into the empty folder ``out``: SLAKE's layout plus ``meta.json`` (ground truth per image) and
+    ``manifest.json`` (counts, SHA-256 per file)."""
+    (out / "imgs").mkdir()
     # whole images go to one split (70 / 15 / 15 %), so no image is shared between train and test
     order = np.random.default_rng([seed, n_images, GENERATOR_VERSION, 2]).permutation(n_images)
     n_val = max(1, round(0.15 * n_images))
@@ -276,12 +263,12 @@ def generate_synthetic(out_dir: str | Path, *, size: int | str | None = None, se
                 "questions": {k: len(v) for k, v in per_split.items()},
                 "images": {k: sum(1 for s in splits.values() if s == k) for k in per_split}, "sha256": digests}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    return out
 
 
 def synthetic_dir(size: int | str | None = None, seed: int = 0, cache_dir: str | Path | None = None) -> Path:
-    """The cached set's folder (named by a hash of generator version, size, variant, seed), generated first if
-    needed in a temporary sibling renamed into place: an interrupted or concurrent run leaves no half-written set."""
+    """The set's folder under ``cache_dir`` (default ``$MILE_DATA_DIR``, else ``~/.cache/mile_book``), named by a
+    hash of generator version, size, variant and seed; generated first if needed, in a temporary sibling renamed
+    into place: an interrupted or concurrent run leaves no half-written set."""
     n_images, variant = parse_size(size)
     base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     spec = json.dumps({"version": GENERATOR_VERSION, "n_images": n_images, "seed": seed,
@@ -290,4 +277,4 @@ def synthetic_dir(size: int | str | None = None, seed: int = 0, cache_dir: str |
     if (final / "manifest.json").is_file():
         return final
     # another process may finish the same set first: its bytes are identical, so either copy will do
-    return atomic_folder(final, lambda tmp: generate_synthetic(tmp, size=size, seed=seed), done="manifest.json")
+    return atomic_folder(final, lambda tmp: _write(tmp, n_images, variant, seed), done="manifest.json")
