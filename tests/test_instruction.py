@@ -29,6 +29,11 @@ def rec(qid: int, answer: str, content_type: str, question: str = "Is this a les
     return Record("img.png", question, answer, kind, content_type, qid, image_root=None)
 
 
+def pool(fmt: InstructionFormatter, record: Record) -> list[str]:
+    """The record's prompts, MILE's ``question_pool``."""
+    return [text for _, text in fmt.filled(record)]
+
+
 RECORDS = [rec(1, "yes", "Abnormality"), rec(2, "axial", "Plane", "Which plane?"),
            rec(3, "coronal", "Plane", "Which plane?"), rec(4, "sagittal", "Plane", "Which plane?"),
            rec(5, "left", "Position", "Where?"), rec(6, "2", "Quantity", "How many?"), rec(7, "no", "Size"),
@@ -55,7 +60,7 @@ def test_prompts_equal_mile_released_file() -> None:
     fmt = InstructionFormatter(records, seed=0)
     non_yes_no_closed = 0
     for r, record in zip(released, records, strict=True):
-        ours = fmt.prompts(record)
+        ours = pool(fmt, record)
         assert len(ours) == len(r["question_pool"])
         our_options = QUESTION.match(ours[0]).group(2)
         mile_options = QUESTION.match(r["question_pool"][0]).group(2)
@@ -78,12 +83,12 @@ def test_templates_verbatim_in_mile_order() -> None:
     assert "Provide your ansewer based on the option" in INSTRUCTION_TEMPLATES[4]  # the reference's spelling
     assert INSTRUCTION_TEMPLATES[5] == '<image>What is the answer to the following question?"{$question}"'
     fmt = InstructionFormatter(RECORDS, seed=0)
-    prompts = fmt.prompts(RECORDS[0])
+    prompts = pool(fmt, RECORDS[0])
     assert len(prompts) == 6 and prompts[2] == (
         "<image>Question:{Is this a lesion?} Based on the image, give a judgmental answer to the question")
     assert prompts[1] in ("<image>Question:{Is this a lesion?}Option:{(a)yes; (b)No} Answer:",
                           "<image>Question:{Is this a lesion?}Option:{(a)No; (b)yes} Answer:")
-    assert len(fmt.prompts(RECORDS[7])) == 6  # closed, not yes/no: the judgmental pool too
+    assert len(pool(fmt, RECORDS[7])) == 6  # closed, not yes/no: the judgmental pool too
 
 
 def test_open_record_gets_four_options_same_type_first() -> None:
@@ -92,7 +97,7 @@ def test_open_record_gets_four_options_same_type_first() -> None:
     assert len(opts) == 4 and "axial" in opts
     # the two other planes are always among the distractors, the last comes from the rest of the vocabulary
     assert {"coronal", "sagittal"} <= set(opts) and not {"yes", "no"} & set(opts)
-    assert len(fmt.prompts(RECORDS[1])) == 5  # no judgmental template for an OPEN question
+    assert len(pool(fmt, RECORDS[1])) == 5  # no judgmental template for an OPEN question
     cased = InstructionFormatter([rec(1, "MRI - T1", "Modality"), rec(2, "CT", "Modality")], seed=0)
     assert sorted(cased.options(rec(3, "X-ray", "Other"))) == ["CT", "MRI - T1", "X-ray"]  # answers as written
 
@@ -123,7 +128,7 @@ def test_write_and_read_instruction_json(tmp_path: Path) -> None:
     path = write_instruction_json(RECORDS, tmp_path / "train.json", seed=0)
     back = load_records("instruction", "train", path=path)
     fmt = InstructionFormatter(RECORDS, seed=0)
-    assert [r.prompts for r in back] == [tuple(fmt.prompts(r)) for r in RECORDS]
-    assert [r.question for r in back] == [fmt.prompts(r)[0] for r in RECORDS]
+    assert [r.prompts for r in back] == [tuple(pool(fmt, r)) for r in RECORDS]
+    assert [r.question for r in back] == [pool(fmt, r)[0] for r in RECORDS]
     assert [(r.qid, r.answer, r.answer_type, r.content_type) for r in back] == [
         (r.qid, r.answer, r.answer_type, r.content_type) for r in RECORDS]

@@ -1,15 +1,14 @@
 """MILE's instruction format: any VQA record turned into the reference's six prompt templates, seeded.
 
 Templates, order and option format are those of MILE's released ``RAD_instruction_data.json``: a CLOSED question
-gets all six (the third "judgmental"), an OPEN one the five others. Options: the answer plus the opposite Yes/No
-(``(a)yes; (b)No``), else up to three answers of the split, same content type first (MILE drew its own at
-random: only their kind can match its file); shuffled once per record. :func:`truncation_report` measures how
-many prompts the reference's 35-token limit cuts.
-"""
+gets all six (the third "judgmental"), an OPEN one the five others. Options: the answer plus the opposite Yes/No,
+else up to three answers of the split, same content type first (MILE drew its own at random: only their kind can
+match its file); shuffled once per record."""
 
 from __future__ import annotations
 
 import random
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from string import Template
@@ -64,17 +63,13 @@ class InstructionFormatter:
         return [(i, Template(t).substitute(question=record.question, options=options))
                 for i, t in enumerate(INSTRUCTION_TEMPLATES) if i != JUDGMENT_TEMPLATE or record.is_closed]
 
-    def prompts(self, record: Record) -> list[str]:
-        """MILE's ``question_pool`` of the record (the first is the evaluation prompt)."""
-        return [text for _, text in self.filled(record)]
-
 
 def write_instruction_json(records: Iterable[Record], path: str | Path, *, seed: int = 0) -> Path:
-    """Write MILE's instruction JSON (``img_name, qid, answer, question_pool`` + answer/content type)."""
-    records = list(records)
-    fmt = InstructionFormatter(records, seed=seed)
+    """Write MILE's instruction JSON (``img_name, qid, answer, question_pool`` + answer/content type); the first
+    prompt of a pool is the evaluation prompt."""
+    fmt = InstructionFormatter(records := list(records), seed=seed)
     return write_json(path, [{"img_name": r.img_name, "qid": r.qid, "answer": r.answer,
-                              "question_pool": fmt.prompts(r), "answer_type": r.answer_type,
+                              "question_pool": [text for _, text in fmt.filled(r)], "answer_type": r.answer_type,
                               "content_type": r.content_type} for r in records])
 
 
@@ -83,12 +78,10 @@ def truncation_report(records: Sequence[Record], tokenizer: Any, *, max_tokens: 
     """How many prompts a ``max_tokens`` limit (counting [CLS]/[SEP], as BLIP's tokenizer call does) cuts: overall,
     and per template when ``formatter`` gives every template of every record (else each record's ``prompts`` or
     question)."""
-    per_template: dict[int | str, list[int]] = {}
+    per_template: dict[int, list[int]] = defaultdict(list)
     for rec in records:
-        pairs = formatter.filled(rec) if formatter is not None else [("prompt", t) for t in
-                                                                    (rec.prompts or (rec.question,))]
-        for key, text in pairs:
-            per_template.setdefault(key, []).append(len(tokenizer(text, add_special_tokens=True)["input_ids"]))
+        for key, text in formatter.filled(rec) if formatter else enumerate(rec.prompts or (rec.question,)):
+            per_template[key].append(len(tokenizer(text, add_special_tokens=True)["input_ids"]))
 
     def block(ns: list[int]) -> dict[str, Any]:
         cut = sum(n > max_tokens for n in ns)

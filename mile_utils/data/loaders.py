@@ -1,19 +1,23 @@
-"""Every dataset source read into plain lists of :class:`~mile_utils.data.records.Record`. Local copies only,
-unless the Hugging Face hub is asked for (``--hub`` / ``hub=True``): offline, nothing waits on the network."""
+"""Every dataset source read into plain lists of :class:`~mile_utils.data.records.Record`, bad records kept out
+with errors that name file, position, qid and field. Local copies only, unless the Hugging Face hub is asked for
+(``--hub`` / ``hub=True``): offline, nothing waits on the network."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
+import warnings
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import snapshot_download
 
 from ..files import atomic_folder
-from .records import Record, collect, is_yes_no
+from .records import Record, is_yes_no
 from .synthetic import default_cache_dir, synthetic_dir
 
 DATASETS = ("synthetic", "slake", "vqa-rad", "instruction")
@@ -23,6 +27,74 @@ SPLIT_FILES = {"train": ("train",), "validation": ("validation", "validate", "va
 SPLIT_ALIASES = {"val": "validation", "valid": "validation", "validate": "validation", "dev": "validation"}
 OSF_JSON, OSF_IMAGES = "VQA_RAD Dataset Public.json", "VQA_RAD Image Folder"
 OSF_PHRASES = {"freeform": "train", "para": "train", "test_freeform": "test", "test_para": "test"}
+
+
+def _field_problem(raw: Mapping[str, Any], names: Mapping[str, str]) -> tuple[str, str] | None:
+    """(field as the file names it, what is wrong) of one raw record's text fields, or None when they are usable."""
+    for name in ("img_name", "question", "answer", "qid"):
+        value = raw.get(name)
+        # a null reads as None from parquet and NaN from json: a bad record, never the answer "nan"
+        if value is None or (isinstance(value, float) and math.isnan(value)) or not str(value).strip():
+            return names.get(name, name), "missing, empty or null (expected a non-empty value)"
+        if not isinstance(value, (str, int, float)):
+            return names.get(name, name), f"expected text, got {type(value).__name__}"
+    if str(raw.get("answer_type") or "").strip().upper() not in ("OPEN", "CLOSED"):
+        return "answer_type", f"{raw.get('answer_type')!r}: expected OPEN or CLOSED"
+    return None
+
+
+def _collect(rows: Iterable[Mapping[str, Any]], key: str, split: str, source: str, skip_bad: bool, verify: bool,
+             lang: str | None) -> tuple[list[Record], list[dict[str, Any]]]:
+    """Records, and problems (file, index = position in the file, qid, field, message), of raw rows in SLAKE's
+    field names that carry their ``file`` and ``index`` (and ``bad``: a problem the loader found). Bad rows raise
+    (FileNotFoundError for a missing image) unless ``skip_bad``; a repeated qid is bad (predictions are matched by
+    qid); no usable record is an error. Images must exist; ``verify`` decodes each one (once: SLAKE asks ~10
+    questions per image)."""
+    records: list[Record] = []
+    problems: list[dict[str, Any]] = []
+    checked: dict[tuple[Any, str], str] = {}
+    seen: set[str] = set()
+    names = {"img_name": "image_name"} if key == "vqa-rad" else {}  # field names as the file has them
+    for raw in rows:
+        bad = raw.get("bad") or _field_problem(raw, names)
+        if bad is None:
+            answer = raw["answer"]  # numbers stored as numbers: 2.0 and 2 both read "2"
+            answer = str(int(answer)) if isinstance(answer, float) and answer.is_integer() else str(answer).strip()
+            rec = Record(
+                img_name=str(raw["img_name"]).strip(), question=str(raw["question"]).strip(), answer=answer,
+                answer_type=str(raw["answer_type"]).strip().upper(), qid=raw["qid"], split=split,
+                content_type=str(raw.get("content_type") or "unknown").strip(), image_root=raw.get("image_root"),
+                q_lang=str(raw.get("q_lang") or "en"), prompts=tuple(raw.get("prompts") or ()),
+                image_bytes=raw.get("image_bytes"))
+            if (key := (rec.image_root, rec.img_name)) not in checked:
+                try:
+                    rec.load_image(verify)
+                    checked[key] = ""
+                except (FileNotFoundError, ValueError) as err:
+                    checked[key] = str(err)
+            bad = ((names.get("img_name", "img_name"), checked[key]) if checked[key] else
+                   ("qid", "duplicate qid in this split") if str(rec.qid) in seen else None)
+        if bad is not None:
+            problems.append({"file": raw["file"], "index": raw["index"], "qid": raw.get("qid"), "field": bad[0],
+                             "message": bad[1]})
+            continue
+        seen.add(str(rec.qid))
+        records.append(rec)
+    described = [f"{p['file']}: record {p['index']} (qid={p['qid']!r}), field {p['field']!r}: {p['message']}"
+                 for p in problems]
+    if problems and not skip_bad:
+        more = f"{len(problems) - 1} more bad records; " if len(problems) > 1 else ""
+        error = FileNotFoundError if "not found" in problems[0]["message"] else ValueError
+        raise error(f"{described[0]} ({more}pass --skip-bad (python: skip_bad=True) to skip bad records and list "
+                    "them)")
+    if not records:
+        hint = f" in language {lang!r} (field q_lang)" if lang and key == "slake" else ""
+        raise ValueError(f"{source}: split {split!r} of dataset {key!r} has no usable records{hint}"
+                         + (f" ({len(problems)} skipped as bad)" if problems else ""))
+    if problems:
+        warnings.warn(f"skipped {len(problems)} bad records of {source} (skip_bad): " + "; ".join(described[:5]),
+                      stacklevel=3)
+    return records, problems
 
 
 def _read_json_list(path: Path) -> list[dict[str, Any]]:
@@ -186,10 +258,7 @@ def _load(dataset: str, split: str, *, root: str | Path | None = None, path: str
         raise FileNotFoundError(f"{key} needs a local copy: --root (python: root=...) for the dataset folder "
                                 f"or --path (python: path=...) for its file{hint}")
     source = rows[0]["file"] if rows else str(local or key)
-    records, problems = collect(rows, dataset=key, split=split, source=source, skip_bad=skip_bad,
-                                verify=verify_images, names={"img_name": "image_name"} if key == "vqa-rad" else None,
-                                empty_hint=f" in language {lang!r} (field q_lang)" if lang and key == "slake" else "")
-    return records, problems, source, key
+    return (*_collect(rows, key, split, source, skip_bad, verify_images, lang), source, key)
 
 
 def load_records(dataset: str = "synthetic", split: str = "train", **kwargs: Any) -> list[Record]:
@@ -208,15 +277,14 @@ def load_records(dataset: str = "synthetic", split: str = "train", **kwargs: Any
     return _load(dataset, split, **kwargs)[0]
 
 
-def summarize_dataset(dataset: str = "synthetic", split: str = "train", *, max_problems: int = 10,
-                      **kwargs: Any) -> dict[str, Any]:
+def summarize_dataset(dataset: str = "synthetic", split: str = "train", **kwargs: Any) -> dict[str, Any]:
     """Counts of one split (``load_records``'s arguments), every image decoded once to prove it readable:
     ``records, images, open, closed, yes_no, answers, content_types``, and how many records were skipped
-    (``skip_bad=True``) with the first ``max_problems`` of them."""
+    (``skip_bad=True``) with the first ten of them."""
     good, problems, source, key = _load(dataset, split, **{**kwargs, "verify_images": True})
     return {"dataset": key, "split": good[0].split, "source": source, "records": len(good),
             "images": len({r.img_name for r in good}), "open": sum(r.answer_type == "OPEN" for r in good),
             "closed": sum(r.is_closed for r in good), "yes_no": sum(r.is_yes_no for r in good),
             "answers": len({r.answer.lower() for r in good}),
             "content_types": dict(sorted(Counter(r.content_type for r in good).items())),
-            "skipped": len(problems), "problems": problems[:max_problems]}
+            "skipped": len(problems), "problems": problems[:10]}

@@ -1,16 +1,13 @@
-"""The one record type every dataset source returns, the checks that keep bad records out, and the records as
-the training loop reads them: BLIP's image preprocessing (and the reference code's quirk), :class:`VQADataset`."""
+"""The one record type every dataset source returns, and the records as the training loop reads them: BLIP's
+image preprocessing (and the reference code's quirk), :class:`VQADataset`."""
 
 from __future__ import annotations
 
 import io
-import math
 import random
-import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -71,74 +68,6 @@ class Record:
         except (UnidentifiedImageError, OSError, ValueError) as err:
             where = path if data is None else f"bytes of record qid={self.qid!r}"
             raise ValueError(f"image {where} is unreadable: {err}") from err
-
-
-def _field_problem(raw: Mapping[str, Any], names: Mapping[str, str]) -> tuple[str, str] | None:
-    """(field as the file names it, what is wrong) of one raw record's text fields, or None when they are usable."""
-    for name in ("img_name", "question", "answer", "qid"):
-        value = raw.get(name)
-        # a null reads as None from parquet and NaN from json: a bad record, never the answer "nan"
-        if value is None or (isinstance(value, float) and math.isnan(value)) or not str(value).strip():
-            return names.get(name, name), "missing, empty or null (expected a non-empty value)"
-        if not isinstance(value, (str, int, float)):
-            return names.get(name, name), f"expected text, got {type(value).__name__}"
-    if str(raw.get("answer_type") or "").strip().upper() not in ("OPEN", "CLOSED"):
-        return "answer_type", f"{raw.get('answer_type')!r}: expected OPEN or CLOSED"
-    return None
-
-
-def collect(rows: Iterable[Mapping[str, Any]], *, dataset: str, split: str, source: str, skip_bad: bool,
-            verify: bool = False, names: Mapping[str, str] | None = None,
-            empty_hint: str = "") -> tuple[list[Record], list[dict[str, Any]]]:
-    """Records, and problems (file, index = position in the file, qid, field, message), of raw rows in SLAKE's
-    field names that carry their ``file`` and ``index`` (and ``bad``: a problem the loader found). Bad rows raise
-    (FileNotFoundError for a missing image) unless ``skip_bad``; a repeated qid is bad (predictions are matched by
-    qid); no usable record is an error. Images must exist; ``verify`` decodes each one (once: SLAKE asks ~10
-    questions per image)."""
-    records: list[Record] = []
-    problems: list[dict[str, Any]] = []
-    checked: dict[tuple[Any, str], str] = {}
-    seen: set[str] = set()
-    names = names or {}
-    for raw in rows:
-        bad = raw.get("bad") or _field_problem(raw, names)
-        if bad is None:
-            answer = raw["answer"]  # numbers stored as numbers: 2.0 and 2 both read "2"
-            answer = str(int(answer)) if isinstance(answer, float) and answer.is_integer() else str(answer).strip()
-            rec = Record(
-                img_name=str(raw["img_name"]).strip(), question=str(raw["question"]).strip(), answer=answer,
-                answer_type=str(raw["answer_type"]).strip().upper(), qid=raw["qid"], split=split,
-                content_type=str(raw.get("content_type") or "unknown").strip(), image_root=raw.get("image_root"),
-                q_lang=str(raw.get("q_lang") or "en"), prompts=tuple(raw.get("prompts") or ()),
-                image_bytes=raw.get("image_bytes"))
-            if (key := (rec.image_root, rec.img_name)) not in checked:
-                try:
-                    rec.load_image(verify)
-                    checked[key] = ""
-                except (FileNotFoundError, ValueError) as err:
-                    checked[key] = str(err)
-            bad = ((names.get("img_name", "img_name"), checked[key]) if checked[key] else
-                   ("qid", "duplicate qid in this split") if str(rec.qid) in seen else None)
-        if bad is not None:
-            problems.append({"file": raw["file"], "index": raw["index"], "qid": raw.get("qid"), "field": bad[0],
-                             "message": bad[1]})
-            continue
-        seen.add(str(rec.qid))
-        records.append(rec)
-    described = [f"{p['file']}: record {p['index']} (qid={p['qid']!r}), field {p['field']!r}: {p['message']}"
-                 for p in problems]
-    if problems and not skip_bad:
-        more = f"{len(problems) - 1} more bad records; " if len(problems) > 1 else ""
-        error = FileNotFoundError if "not found" in problems[0]["message"] else ValueError
-        raise error(f"{described[0]} ({more}pass --skip-bad (python: skip_bad=True) to skip bad records and list "
-                    "them)")
-    if not records:
-        raise ValueError(f"{source}: split {split!r} of dataset {dataset!r} has no usable records{empty_hint}"
-                         + (f" ({len(problems)} skipped as bad)" if problems else ""))
-    if problems:
-        warnings.warn(f"skipped {len(problems)} bad records of {source} (skip_bad): " + "; ".join(described[:5]),
-                      stacklevel=3)
-    return records, problems
 
 
 @dataclass(frozen=True)
