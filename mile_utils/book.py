@@ -1,11 +1,12 @@
-"""What the book's chapters share: their setup, run tables with 95 % intervals, the floors, paired tests whose
-verdicts write the chapters' comparisons, seeds, and the provenance box."""
+"""What the chapters share: setup, run tables with 95 % intervals, floors, paired tests whose verdicts write the
+chapters' comparisons, seeds, and the provenance box."""
 
 from __future__ import annotations
 
 import hashlib
 import html
 import json
+import statistics
 import subprocess
 from collections.abc import Sequence
 from dataclasses import replace
@@ -14,18 +15,21 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import seaborn as sns
 import transformers
 from IPython.display import HTML, Markdown
 
 from . import plots
+from .data import load_records
 from .experiments import RunConfig, collect_results, load_results, paper_rows, pretrained_stand_in, run_grid
-from .metrics import mcnemar, normalize_answer
+from .metrics import majority_baseline, mcnemar, normalize_answer, question_only_baseline
+from .model import COMPONENTS
 
 ALPHA = 0.05  # a comparison's verdict: exact McNemar p below this
 QUESTIONS = ("open", "closed", "global")
-# how run tables round (accuracies: 1 decimal, with their interval)
 ROUNDING = {"trainable_pct": 3, "open": 1, "closed": 1, "global": 1, "final_loss": 3, "wall_s": 0}
-SETTINGS = ("profile", "dataset", "size", "epochs", "batch_size", "lr", "min_lr", "weight_decay", "seed", "eval_method")
+DATA_SETTINGS = ("profile", "dataset", "size", "seed")  # all that a chapter which trains nothing reads
+SETTINGS = (*DATA_SETTINGS, "epochs", "batch_size", "lr", "min_lr", "weight_decay", "eval_method")
 
 
 def setup(profile: str, dataset: str, data_dir: str = "", checkpoint: str = "", runs_dir: str = "../runs",
@@ -33,7 +37,8 @@ def setup(profile: str, dataset: str, data_dir: str = "", checkpoint: str = "", 
           progress: bool = True, stand_in: bool = True) -> tuple[RunConfig, Path]:
     """A chapter's base RunConfig (from its parameters) and its runs folder ``runs_dir/<profile>-<dataset>``.
     Tiny profile, no ``checkpoint``: ``stand_in`` starts from chapter 2's stand-in for pretrained MISS."""
-    plots.set_style()
+    sns.set_theme(style="whitegrid", context="notebook", rc={  # the book's plots: fonts legible at page width
+        "figure.figsize": (8, 4), "axes.titleweight": "bold", "axes.titlesize": 12, "legend.fontsize": 10})
     if not progress:  # transformers' own bars too ("Loading weights" is a widget in a notebook)
         transformers.utils.logging.disable_progress_bar()
     if stand_in and profile == "tiny" and not checkpoint:
@@ -45,9 +50,10 @@ def setup(profile: str, dataset: str, data_dir: str = "", checkpoint: str = "", 
     return base, Path(runs_dir) / f"{profile}-{dataset}"
 
 
-def settings(base: RunConfig, *spec_fields: str) -> pd.DataFrame:
-    """The chapters' shared settings (profile defaults filled in) and the method's ``spec_fields``."""
-    values = {k: getattr(base.resolved(), k) for k in SETTINGS} | {k: getattr(base.spec, k) for k in spec_fields}
+def settings(base: RunConfig, *spec_fields: str, training: bool = True) -> pd.DataFrame:
+    """The shared settings (profile defaults filled in; the data's only, unless ``training``), ``spec_fields``."""
+    values = {k: getattr(base.resolved(), k) for k in (SETTINGS if training else DATA_SETTINGS)} | {
+        k: getattr(base.spec, k) for k in spec_fields}
     return pd.DataFrame({"setting": list(values.values())}, index=list(values)).astype(str)
 
 
@@ -62,36 +68,40 @@ def _stats(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def _with_stats(runs: pd.DataFrame) -> pd.DataFrame:
-    """Add each run's label, intervals and per-question ``correct`` (read from its folder)."""
+    """Add each run's label, ``method`` (its one method, else T or F), ``shape`` (``F/x/x``...) and from its folder
+    the intervals, per-question ``correct``, per-epoch ``losses`` and ``s_per_epoch`` (median training epoch)."""
     def extra(out: str) -> dict[str, Any]:
-        lines = (Path(out) / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
-        return _stats(load_results(out)["metrics"]) | {"correct": _correct(map(json.loads, filter(None, lines)))}
+        res, lines = load_results(out), (Path(out) / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
+        return _stats(res["metrics"]) | {"correct": _correct(map(json.loads, filter(None, lines))),
+                                         "losses": [h["loss"] for h in res["history"]],
+                                         "s_per_epoch": statistics.median(h["seconds"] for h in res["history"])}
 
-    return runs.assign(run=plots.run_labels(runs), **pd.DataFrame(map(extra, runs["out"]), index=runs.index))
+    parts = [tuple(row) for row in runs[list(COMPONENTS)].itertuples(index=False)]
+    return runs.assign(run=plots.run_labels(runs), **pd.DataFrame(map(extra, runs["out"]), index=runs.index),
+                       method=[next((m for m in p if m not in ("F", "T")), "T" if "T" in p else "F") for p in parts],
+                       shape=["/".join("F" if m == "F" else "x" for m in p) for p in parts])
 
 
 def run(configs: Sequence[RunConfig], progress: bool = True) -> pd.DataFrame:
-    """Run the configs (finished runs are read back): the grid's table with a ``run`` label, ``<q>_low/_high``
-    (95 % interval), ``correct`` (qid -> right?) and ``config`` columns."""
+    """Run the configs (finished runs are read back): their table (:func:`_with_stats`) and ``config``."""
     return _with_stats(run_grid(configs, progress=progress)).assign(config=list(configs))
 
 
 def collect(runs_dir: str | Path) -> pd.DataFrame:
-    """Every run under ``runs_dir`` but the stand-in (trained and tested on the shifted pretraining data) and
-    chapter 10's (``*-beyond``), as :func:`run`'s table (no ``config``) with a ``source`` ("tiny profile, ...")."""
+    """:func:`run`'s table (no ``config``, a ``source``) of every run under ``runs_dir`` but the stand-in's (other
+    data) and chapter 10's (``*-beyond``)."""
     every = collect_results(runs_dir)
-    skip = every["out"].astype(str).str.contains(r"tiny-pretrained|-beyond(?:[/\\]|$)")  # stand-in, chapter 10
+    skip = every["out"].astype(str).str.contains(r"tiny-pretrained|-beyond(?:[/\\]|$)")
     every = _with_stats(every[~skip].reset_index(drop=True))
     return every.assign(source=every["profile"] + " profile, " + every["dataset"] + " data")
 
 
-def seeds(runs: pd.DataFrame, progress: bool = True, seeds: Sequence[int] = (1, 2),
-          label: str | None = None) -> pd.DataFrame:
-    """The run ``label`` of :func:`run`'s table (default: the best global) again with each training seed of
-    ``seeds`` (same data and starting weights; folders ``<out>-seed<s>``), its own row first."""
+def seeds(runs: pd.DataFrame, progress: bool = True, n: int = 3, label: str | None = None) -> pd.DataFrame:
+    """The run ``label`` of :func:`run`'s table (default: the best global), its row first, then trained again
+    with seeds 1 to ``n`` - 1 (same data and starting weights; folders ``<out>-seed<s>``)."""
     row = runs[runs["run"] == (label or runs.loc[runs["global"].idxmax(), "run"])]
     cfg = row["config"].iloc[0]
-    return pd.concat([row, run([replace(cfg, seed=s, out=f"{cfg.out}-seed{s}") for s in seeds], progress)],
+    return pd.concat([row, run([replace(cfg, seed=s, out=f"{cfg.out}-seed{s}") for s in range(1, n)], progress)],
                      ignore_index=True)
 
 
@@ -104,8 +114,8 @@ def seed_summary(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def table(runs: pd.DataFrame, columns: Sequence[str] = tuple(ROUNDING)) -> pd.DataFrame:
-    """Columns of a run (or floors) table as the book shows them: accuracies with their 95 % interval, one
-    decimal; other numbers rounded as ``ROUNDING`` says; nothing missing shown as NaN."""
+    """``columns`` of a run (or floors) table as the book shows them: accuracies with their 95 % interval, one
+    decimal, other numbers as ``ROUNDING`` says, a missing one as "–"."""
     rows = runs.set_index("run") if "run" in runs.columns else runs
 
     def cell(row: pd.Series, c: str) -> Any:
@@ -122,11 +132,8 @@ def table(runs: pd.DataFrame, columns: Sequence[str] = tuple(ROUNDING)) -> pd.Da
 
 
 def floors(base: RunConfig) -> pd.DataFrame:
-    """Test accuracy (%) of the majority answer and of the question-only floor (no image), per question kind,
-    with intervals and per-question ``correct``, indexed by name (``floor["global"]``: {name: accuracy})."""
-    from .data import load_records
-    from .metrics import majority_baseline, question_only_baseline
-
+    """The majority answer's and the question-only (no image) floor's test accuracy as a run table, indexed by
+    name (``floor["global"]``: {name: accuracy})."""
     kw = dict(root=base.root, path=base.path, size=base.size, seed=base.data_seed)
     train, test = load_records(base.dataset, "train", **kw), load_records(base.dataset, base.eval_split, **kw)
     rows = {b["baseline"]: _stats(b) | {"correct": _correct(
@@ -136,8 +143,8 @@ def floors(base: RunConfig) -> pd.DataFrame:
 
 
 def paired_tests(runs: pd.DataFrame, pairs: Sequence[tuple[str, str]]) -> pd.DataFrame:
-    """Exact McNemar test of each pair (A, B) of labels of ``runs`` (a :func:`run`/:func:`collect` table, a
-    :func:`floors` table or both concatenated) on the same questions: accuracies, b, c, p, verdict, sentence."""
+    """Exact McNemar test of each pair (A, B) of labels of ``runs`` (:func:`run`, :func:`collect` or :func:`floors`
+    tables, or them concatenated) on the same questions: accuracies, b, c, p, verdict, sentence."""
     rows, out = (runs.set_index("run") if "run" in runs.columns else runs), []
     if not rows.index.is_unique:
         raise ValueError(f"paired_tests: labels {sorted(set(rows.index[rows.index.duplicated()]))} name several "
@@ -183,12 +190,6 @@ def paper_table(table: int) -> pd.DataFrame:
         ["params_pct", "memory_gb", "open", "closed", "global"]].rename(columns=lambda c: f"paper: {c}")
 
 
-def histories(runs: pd.DataFrame, label: str = "run") -> dict[str, list[float]]:
-    """Each run's per-epoch training loss, keyed by its label (for :func:`plots.loss_curves`)."""
-    outs = zip(runs[label], runs["out"], strict=True)
-    return {name: [h["loss"] for h in load_results(out)["history"]] for name, out in outs}
-
-
 def provenance(outs: pd.Series | Sequence[str], title: str = "Provenance of these numbers") -> HTML:
     """The box naming what produced a chapter's numbers: every distinct profile, dataset, epochs, seed, test size,
     date and ``environment`` entry (device, versions) of its runs, and the date and code of this build."""
@@ -196,72 +197,25 @@ def provenance(outs: pd.Series | Sequence[str], title: str = "Provenance of thes
         raise ValueError("provenance: no runs to describe (did the runs of this chapter finish?)")
     rows: dict[str, set[str]] = {}
     for out in outs:
-        res, date = load_results(out), (Path(out) / "results.json").stat().st_mtime
-        found = {k: res["config"][k] for k in ("profile", "dataset", "epochs", "seed")} | {
-            "test questions": res["data"]["eval"], "run date (UTC)": f"{datetime.fromtimestamp(date, timezone.utc):%F}"}
-        for key, value in (found | res["environment"]).items():
+        res, done = load_results(out), (Path(out) / "results.json").stat().st_mtime
+        for key, value in ({k: res["config"][k] for k in ("profile", "dataset", "epochs", "seed")} | {
+                "test questions": res["data"]["eval"],
+                "run date (UTC)": f"{datetime.fromtimestamp(done, timezone.utc):%F}"} | res["environment"]).items():
             rows.setdefault(key, set()).add(str(value))
     here = Path(__file__).parent  # this build's code, by content (sha256 of the sources) and by git commit
     try:
         commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):  # no git: "unknown", as outside a checkout
-        commit = ""
+                                text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):  # no git
+        commit = "unknown"
     code = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(here.rglob("*.py")))).hexdigest()[:12]
     rows |= {"this build (UTC)": {f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M}"},
-             "code of this build": {f"sources sha256 {code}, commit {commit or 'unknown'}"}}
-    paper = rows["profile"] == {"paper"} and rows["dataset"] <= {"slake", "vqa-rad"}
-    verdict = ("Paper profile on a real benchmark: these numbers can be compared with the paper's." if paper else
+             "code of this build": {f"sources sha256 {code}, commit {commit}"}}
+    verdict = ("Paper profile on a real benchmark: these numbers can be compared with the paper's."
+               if rows["profile"] == {"paper"} and rows["dataset"] <= {"slake", "vqa-rad"} else
                "These runs use the small <code>tiny</code> profile and/or the built-in dataset: they show how the "
                "methods behave, they are <b>not</b> a reproduction of the paper's GPU numbers.")
     cells = "".join(f"<tr><td><b>{html.escape(k)}</b></td><td><code>{html.escape(', '.join(sorted(v)))}</code>"
                     f"</td></tr>" for k, v in rows.items())
     return HTML(f"<div class='admonition note'><p class='admonition-title'>{html.escape(title)} ({len(outs)} "
                 f"run{'s' if len(outs) != 1 else ''})</p><table>{cells}</table><p>{verdict}</p></div>")
-
-
-# chapter 10 ----------------------------------------------------------------------------------------------------
-SHAPES = ("F/F/x", "F/x/x", "x/x/x")  # chapter 10's grid: a method x on the decoder, the text stacks, everything
-
-
-def method_grid(base: RunConfig, methods: Sequence[str], out_root: str | Path,
-                reuse: bool = True) -> tuple[list[RunConfig], pd.DataFrame]:
-    """Chapter 10's grid: each method in each of ``SHAPES``, and the plan as a table (method x shape: the spec, or
-    why a component refuses it, from ``adapters.REFUSED``). With ``reuse`` (``base`` has the chapters' settings) a
-    configuration of the paper's grid runs in ``out_root/<slug>``, where chapters 3-7's run is read back; every
-    other run lies in ``<out_root>-beyond/<slug>``, out of chapter 9's collection of the paper's grid."""
-    from .adapters import REFUSED
-    from .model import COMPONENTS
-
-    paper, root = {r["spec"] for r in paper_rows()}, Path(out_root)
-    configs, plan = [], {}
-    for method in methods:
-        for shape in SHAPES:
-            spec = dict(zip(COMPONENTS, shape.replace("x", method).split("/"), strict=True))
-            refused = [f"refused: {c} {m}: {REFUSED[c, m]}" for c, m in spec.items() if (c, m) in REFUSED]
-            if not refused:
-                cfg = replace(base, spec=replace(base.spec, **spec))
-                folder = root if reuse and cfg.spec_str in paper else root.with_name(f"{root.name}-beyond")
-                configs.append(replace(cfg, out=str(folder / cfg.slug)))
-            plan.setdefault(method, {})[shape] = refused[0] if refused else "/".join(spec.values())
-    return configs, pd.DataFrame(plan).T.rename_axis("method")
-
-
-def prefix_noop(configs: Sequence[RunConfig]) -> list[RunConfig]:
-    """Chapter 10: the configs with a JTM prefix again with the reference code's no-op prefix (``AdapterSpec``'s
-    ``jtm_prefix_noop``: same parameters, initialisation, seed and budget), each in ``<its folder>-beyond``."""
-    return [replace(c, spec=replace(c.spec, jtm_prefix_noop=True), out=str(
-        Path(c.out).parent.with_name(Path(c.out).parent.name.removesuffix("-beyond") + "-beyond")
-        / f"{Path(c.out).name}-noop")) for c in configs if c.spec.jtm in ("prefix", "ptv2")]
-
-
-def method_columns(runs: pd.DataFrame) -> pd.DataFrame:
-    """:func:`run`'s table plus ``method`` (the one method of a chapter-10 run), ``shape`` (``F/x/x``...) and
-    ``s_per_epoch`` (the median wall time of its training epochs, frozen parts' precompute excluded)."""
-    from .model import COMPONENTS
-
-    parts = [tuple(row) for row in runs[list(COMPONENTS)].itertuples(index=False)]
-    return runs.assign(method=[next(m for m in row if m != "F") for row in parts],
-                       shape=["/".join("F" if m == "F" else "x" for m in row) for row in parts],
-                       s_per_epoch=[float(pd.Series([h["seconds"] for h in load_results(o)["history"]]).median())
-                                    for o in runs["out"]])

@@ -16,29 +16,25 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-METRIC_LABELS = {"open": "open", "closed": "closed", "global": "global (all questions)"}
+# one colour per adaptation, the same in every chapter; chapter 10's newer methods: tab10 less the paper's colours
 METHOD_PALETTE = {"F": "#9e9e9e", "T": "#3b3b98", "lora": "#e15759", "prefix": "#59a14f", "ia3": "#f28e2b",
-                  "ptv2": "#76b7b2", "mixed": "#b07aa1"}  # one colour per adaptation, the same in every chapter
+                  "ptv2": "#76b7b2"}
+NEWER_PALETTE = {"dora": "#1f77b4", "vera": "#9467bd", "loha": "#8c564b", "lokr": "#e377c2", "adalora": "#17becf",
+                 "oft": "#bcbd22", "ln": "#000000"}  # LN tuning black
 SPEC_LABEL = "configuration (ViT / JTM / decoder)"
 
 
-def set_style() -> None:
-    """The book's plot style: seaborn's whitegrid, fonts legible at page width."""
-    sns.set_theme(style="whitegrid", context="notebook", rc={"figure.figsize": (8, 4), "axes.titleweight": "bold",
-                                                             "axes.titlesize": 12, "legend.fontsize": 10})
-
-
-def sample_grid(samples: Sequence[Mapping[str, Any]], ncols: int = 4, width: float = 2.2, wrap: int = 30) -> Figure:
+def sample_grid(samples: Sequence[Mapping[str, Any]], ncols: int = 4) -> Figure:
     """Images (``image``) with ``question``, ``answer`` and, when present, ``prediction`` and types."""
     if not samples:
         raise ValueError("sample_grid: no samples to show")
     ncols, nrows = min(ncols, len(samples)), -(-len(samples) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, width * nrows * 1.6), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.2 * ncols, 3.5 * nrows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, sample in zip(axes.flat, samples, strict=False):
         ax.imshow(sample["image"], cmap="gray")  # a PIL image or an (H, W[, 3]) array
-        lines = textwrap.wrap(f"Q: {sample['question']}", wrap)[:3] + [f"A: {sample['answer']}"] + (
+        lines = textwrap.wrap(f"Q: {sample['question']}", 30)[:3] + [f"A: {sample['answer']}"] + (
             [f"predicted: {sample['prediction']}"] if "prediction" in sample else [])
         ax.set_title(" · ".join(str(sample[k]) for k in ("content_type", "answer_type") if sample.get(k)),
                      fontsize=9)
@@ -48,18 +44,15 @@ def sample_grid(samples: Sequence[Mapping[str, Any]], ncols: int = 4, width: flo
 
 
 def _finish(ax: Axes, xlabel: str, ylabel: str, title: str | None, legend: str | None = None) -> Axes:
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title or "")
     handles, labels = ax.get_legend_handles_labels()
-    if ax.get_legend() is not None:  # seaborn's own
+    if ax.get_legend() is not None:  # seaborn's own: replaced by one under the plot
         ax.get_legend().remove()
     if len(labels) > 1:  # under the plot (beside it, it would shrink the fonts at page width); one entry says nothing
         ax.figure.set_layout_engine("constrained")
         ax.figure.legend(handles, labels, title=legend, loc="outside lower center",
                          ncol=max(1, min(4, len(labels), 80 // (max(map(len, labels)) + 8))),  # within the width
                          frameon=False)
-    if title:
-        ax.set_title(title)
     return ax
 
 
@@ -70,15 +63,14 @@ def _floor_lines(ax: Axes, floors: Mapping[str, float] | None, vertical: bool = 
 
 def accuracy_bars(table: pd.DataFrame, label: str = "run", metrics: Sequence[str] = ("open", "closed", "global"),
                   title: str | None = None, floors: Mapping[str, float] | None = None, hue: str | None = None) -> Axes:
-    """Horizontal bars of accuracy (%) per ``label`` with 95 % error bars (columns ``<metric>_low``/``_high``;
-    NaN: none, e.g. a published number): one bar per metric, or per ``hue`` group of the one metric. ``floors``
-    ({name: accuracy}) are drawn as dashed reference lines (e.g. majority, question-only)."""
+    """Horizontal bars of accuracy (%) per ``label`` with 95 % error bars (``<metric>_low/_high``; NaN: none, as
+    a published number), one per metric or per ``hue`` group of the one metric; ``floors`` ({name: %}) as lines."""
     missing = [c for c in (label, hue or label, *(m + e for m in metrics for e in ("", "_low", "_high")))
                if c not in table.columns]
     if missing:
         raise ValueError(f"accuracy_bars: table has no column(s) {missing}; columns are {list(table.columns)}")
     groups = ([(str(g), part, metrics[0]) for g, part in table.groupby(hue, sort=False)] if hue else
-              [(METRIC_LABELS.get(m, m), table, m) for m in metrics])
+              [("global (all questions)" if m == "global" else m, table, m) for m in metrics])
     rows, height = list(dict.fromkeys(table[label].astype(str))), 0.8 / len(groups)
     ax = plt.subplots(figsize=(8, max(2.5, (0.2 + 0.18 * len(groups)) * len(rows) + 1.2)))[1]
     for i, ((name, part, m), colour) in enumerate(zip(groups, sns.color_palette("Set2"), strict=False)):
@@ -94,44 +86,45 @@ def accuracy_bars(table: pd.DataFrame, label: str = "run", metrics: Sequence[str
                    hue or "questions")
 
 
-def tradeoff(table: pd.DataFrame, x: str, y: str = "global", hue: str | None = "method", label: str = "run",
-             xlabel: str | None = None, logx: bool = False, title: str | None = None,
+def tradeoff(table: pd.DataFrame, x: str, y: str = "global", hue: str = "method", style: str | None = None,
+             label: str | None = "run", xlabel: str | None = None, logx: bool = False, title: str | None = None,
              floors: Mapping[str, float] | None = None) -> Axes:
-    """Accuracy (with its 95 % interval, ``<y>_low/_high``) against a cost (trainable %, memory), one point per
-    run coloured by ``hue``; only the Pareto front (no cheaper run as accurate) is labelled, so labels stay apart."""
-    ax = plt.subplots(figsize=(8, 4.5))[1]
+    """Accuracy (95 % interval: ``<y>_low/_high``) against a cost (trainable %, memory, time), a point per run:
+    colour = ``hue``, marker = ``style`` (or ``hue``). With ``label`` only the Pareto front (no cheaper run as
+    accurate) is labelled, so labels stay apart; without, the legend alone tells the points apart."""
+    ax = plt.subplots(figsize=(8, 5.5 if style else 4.5))[1]
     ax.errorbar(table[x], table[y], yerr=np.abs([table[y] - table[y + "_low"], table[y + "_high"] - table[y]]),
                 fmt="none", ecolor="#bbbbbb", lw=1, zorder=1)
-    palette = METHOD_PALETTE if hue and set(table[hue]) <= set(METHOD_PALETTE) else None
-    sns.scatterplot(data=table, x=x, y=y, hue=hue, style=hue, s=70, ax=ax, palette=palette, zorder=2)
-    ranked = table.sort_values([x, y], ascending=[True, False])
-    for _, row in ranked[ranked[y] > ranked[y].cummax().shift(fill_value=-np.inf)].iterrows():  # the Pareto front
-        ax.annotate(str(row[label]), (row[x], row[y]), textcoords="offset points", xytext=(5, 5), fontsize=9)
+    palette = METHOD_PALETTE | NEWER_PALETTE  # the book's colours where every point has one
+    sns.scatterplot(data=table, x=x, y=y, hue=hue, style=style or hue, s=70, ax=ax, zorder=2,
+                    palette=palette if set(table[hue]) <= set(palette) else None)
+    if label:
+        ranked = table.sort_values([x, y], ascending=[True, False])
+        for _, row in ranked[ranked[y] > ranked[y].cummax().shift(fill_value=-np.inf)].iterrows():  # Pareto front
+            ax.annotate(str(row[label]), (row[x], row[y]), textcoords="offset points", xytext=(5, 5), fontsize=9)
     _floor_lines(ax, floors, vertical=False)
     if logx:  # plain numbers on the decades ("0.1", "10"), not 10^-1
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter("{x:g}")
-    return _finish(ax, xlabel or x, f"{y} accuracy (%), 95% interval", title, hue or " ")
+    return _finish(ax, xlabel or x, f"{y} accuracy (%), 95% interval", title, hue)
 
 
-def loss_curves(histories: Mapping[str, Sequence[float]], title: str | None = None,
-                ylabel: str = "training loss (label-smoothed CE)") -> Axes:
-    """One line per run: its per-epoch loss history, keyed by the run's label; epochs on integer ticks."""
+def loss_curves(runs: pd.DataFrame, label: str = "run", title: str | None = None) -> Axes:
+    """One line per run of a :func:`mile_utils.book.run` table: its per-epoch ``losses``, named by ``label``."""
     ax = plt.subplots(figsize=(8, 4))[1]
-    for name, values in histories.items():
-        ax.plot(range(1, len(values) + 1), list(values), marker="o", ms=4, label=name)
-    ax.set_xlim(0.5, max(map(len, histories.values()), default=1) + 0.5)  # whole epochs, even for one
+    for name, values in zip(runs[label], runs["losses"], strict=True):
+        ax.plot(range(1, len(values) + 1), values, marker="o", ms=4, label=name)
+    ax.set_xlim(0.5, max(map(len, runs["losses"]), default=1) + 0.5)  # whole epochs, even for one
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    return _finish(ax, "epoch", ylabel, title, "run")
+    return _finish(ax, "epoch", "training loss (label-smoothed CE)", title, label)
 
 
 def sample_browser(samples: Sequence[Mapping[str, Any]], by: str = "content_type", per_page: int = 4,
                    load_image: Any = None, columns: Sequence[str] = ("question", "answer"),
                    interactive: bool = True) -> Any:
-    """An ipywidgets browser (choose a ``by`` group, page through its samples), or with ``interactive=False``
-    its static stand-in, a table, which headless runs (papermill, nbval) must ask for: nbclient can deadlock on
-    widgets. Pages are PNGs in an ``Image`` widget (no ``Output`` widget, no ``clear_output``);
-    ``load_image(sample)`` supplies images when samples carry none (loaded per page)."""
+    """An ipywidgets browser (choose a ``by`` group, page through it; pages are PNGs in an ``Image`` widget, no
+    ``Output``), or with ``interactive=False`` a table, which headless runs must ask for: nbclient can deadlock on
+    widgets. ``load_image(sample)`` supplies images when samples carry none (loaded per page)."""
     if not samples:
         raise ValueError("sample_browser: no samples")
     if not interactive:  # the first two samples of each group
@@ -163,40 +156,3 @@ def run_labels(table: pd.DataFrame) -> pd.Series:
     ranks = table["rank"] if "rank" in table.columns else [None] * len(table)
     return pd.Series([f"{s} r{int(r)}" if "lora" in str(s).split("/") and pd.notna(r) else str(s)
                       for s, r in zip(table["spec"], ranks, strict=True)], index=table.index)
-
-
-# chapter 10 ----------------------------------------------------------------------------------------------------
-PAPER_METHODS = ("lora", "ia3", "prefix", "ptv2")
-NEWER_PALETTE = {"dora": "#1f77b4", "vera": "#9467bd", "loha": "#8c564b", "lokr": "#e377c2", "adalora": "#17becf",
-                 "oft": "#bcbd22", "ln": "#000000"}  # tab10 less the paper's red, orange, green; LN tuning black
-SHAPE_MARKERS = {"F/F/x": "o", "F/x/x": "s", "x/x/x": "^"}  # where the method is applied (decoder, text, all)
-
-
-def method_grid(table: pd.DataFrame, x: str, xlabel: str, title: str | None = None, logx: bool = False,
-                floors: Mapping[str, float] | None = None) -> Axes:
-    """Chapter 10: global accuracy (95 % interval) of each run of a ``method``/``shape`` table against a cost
-    ``x``: colour = method (the paper's four filled, in the book's colours; the newer ones hollow), marker = the
-    components it adapts. One legend replaces point labels (31 points would pile up)."""
-    from matplotlib.lines import Line2D
-
-    ax = plt.subplots(figsize=(8, 5.5))[1]
-    methods = sorted(set(table["method"]), key=lambda m: (m not in PAPER_METHODS, m))
-    colour, filled = METHOD_PALETTE | NEWER_PALETTE, {m: m in PAPER_METHODS for m in methods}
-    for (method, shape), rows in table.groupby(["method", "shape"], sort=False):
-        err = np.abs([rows["global"] - rows["global_low"], rows["global_high"] - rows["global"]])
-        ax.errorbar(rows[x], rows["global"], yerr=err, fmt=SHAPE_MARKERS[shape], ms=7, lw=1, capsize=2,
-                    color=colour[method], mfc=colour[method] if filled[method] else "white", mew=1.5)
-    _floor_lines(ax, floors, vertical=False)
-    if logx:  # plain numbers on the decades ("0.1", "10"), not 10^-1
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter("{x:g}")
-    point = {"ls": "none", "ms": 7, "mew": 1.5}
-    handles = [Line2D([], [], marker="o", color=colour[m], mfc=colour[m] if filled[m] else "white",
-                      label=m + (" (paper)" if filled[m] else ""), **point) for m in methods]
-    handles += [Line2D([], [], ls="none", label="adapted (ViT/JTM/dec):")] + [
-        Line2D([], [], marker=SHAPE_MARKERS[s], color="#555555", label=s, **point)
-        for s in SHAPE_MARKERS if s in set(table["shape"])]
-    ax.legend(handles=handles + ax.get_legend_handles_labels()[0], title="method", loc="upper left",
-              bbox_to_anchor=(1.0, 1.0), frameon=False)
-    ax.set(xlabel=xlabel, ylabel="global accuracy (%), 95% interval", title=title or "")
-    return ax

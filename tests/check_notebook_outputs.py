@@ -2,7 +2,8 @@
 fallbacks), test marker or path of the build machine's repository, and (with ``--expected``) the
 deterministic outputs equal the committed expectations.
 
-Run by the Makefile on papermill's executed copies; not a pytest module. Usage:
+Also: no code cell may appear in more than two of the notebooks given. Run by the Makefile on papermill's
+executed copies (or on the sources: ``notebooks/*.ipynb``); not a pytest module. Usage:
 
     python tests/check_notebook_outputs.py book/_executed/notebooks/*.ipynb          # errors and warnings only
     python tests/check_notebook_outputs.py --expected tests/expected NB.ipynb ...   # + compare checked cells
@@ -99,6 +100,19 @@ def compare(path: Path, expected_dir: Path, update: bool) -> list[str]:
     return [f"{path.name}: checked outputs differ from {expected_file}:\n" + "\n".join(diff)]
 
 
+def shared_cells(paths: list[Path]) -> list[str]:
+    """Code cells found in more than two of the notebooks: shared code belongs in mile_utils (papermill's injected
+    parameters, the same everywhere by design, aside)."""
+    where: dict[str, set[str]] = {}
+    for path in paths:
+        for cell in nbformat.read(path, as_version=4).cells:
+            if cell.cell_type == "code" and cell.source.strip() and \
+                    "injected-parameters" not in cell.metadata.get("tags", []):
+                where.setdefault(cell.source.strip(), set()).add(path.name)
+    return [f"a code cell is in {len(names)} notebooks ({', '.join(sorted(names))}); put it in mile_utils: "
+            f"{source[:100]!r}" for source, names in where.items() if len(names) > 2]
+
+
 def main(args: list[str]) -> int:
     expected_dir, update = None, False
     if args[:1] in (["--expected"], ["--update"]) and len(args) > 1:
@@ -107,7 +121,7 @@ def main(args: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     paths = [Path(a) for a in args]
-    found = [p for path in paths for p in problems(path)]
+    found = [p for path in paths for p in problems(path)] + shared_cells(paths)
     if expected_dir is not None:
         found += [p for path in paths for p in compare(path, expected_dir, update)]
     for line in found:
@@ -116,7 +130,7 @@ def main(args: list[str]) -> int:
         print(f"{len(found)} problem(s) in executed notebooks", file=sys.stderr)
         return 1
     checked = f"; checked outputs {'written to' if update else 'equal'} {expected_dir}" if expected_dir else ""
-    print(f"{len(paths)} executed notebook(s): no errors, warnings or stderr output{checked}")
+    print(f"{len(paths)} executed notebook(s): no errors, warnings, stderr output or shared cells{checked}")
     return 0
 
 
