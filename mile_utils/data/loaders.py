@@ -45,11 +45,9 @@ def _field_problem(raw: Mapping[str, Any], names: Mapping[str, str]) -> tuple[st
 
 def _collect(rows: Iterable[Mapping[str, Any]], key: str, split: str, source: str, skip_bad: bool, verify: bool,
              lang: str | None) -> tuple[list[Record], list[dict[str, Any]]]:
-    """Records, and problems (file, index = position in the file, qid, field, message), of raw rows in SLAKE's
-    field names that carry their ``file`` and ``index`` (and ``bad``: a problem the loader found). Bad rows raise
-    (FileNotFoundError for a missing image) unless ``skip_bad``; a repeated qid is bad (predictions are matched by
-    qid); no usable record is an error. Images must exist; ``verify`` decodes each one (once: SLAKE asks ~10
-    questions per image)."""
+    """Records and problems (file, index = position in the file, qid, field, message) of raw rows in SLAKE's field
+    names, each with its ``file``, ``index`` and maybe ``bad`` (a problem the reader found). A repeated qid is bad:
+    predictions are matched by qid. Each image is checked once (SLAKE asks ~10 questions per image)."""
     records: list[Record] = []
     problems: list[dict[str, Any]] = []
     checked: dict[tuple[Any, str], str] = {}
@@ -120,13 +118,6 @@ def _split_file(folder: Path, split: str) -> Path:
     return found[0]
 
 
-def _hub_snapshot(repo_id: str, allow_patterns: list[str] | None = None) -> Path:
-    try:
-        return Path(snapshot_download(repo_id, repo_type="dataset", allow_patterns=allow_patterns))
-    except Exception as err:  # network, auth or missing-repo errors all mean: no local data
-        raise FileNotFoundError(f"could not fetch the hub dataset {repo_id!r} ({type(err).__name__}: {err}). "
-                                "Without network, download it elsewhere and pass its folder with --root "
-                                "(python: root=...) or a file with --path") from err
 
 
 def _slake(root: Path, split: str, lang: str | None, images: Path | None = None) -> list[dict[str, Any]]:
@@ -139,8 +130,18 @@ def _slake(root: Path, split: str, lang: str | None, images: Path | None = None)
             if lang is None or "bad" in raw or str(raw.get("q_lang") or "en") == lang]
 
 
-def _slake_hub(repo_id: str, split: str, lang: str | None) -> list[dict[str, Any]]:
-    snap, images = _hub_snapshot(repo_id), None
+def _hub(key: str, repo_id: str, split: str, lang: str | None) -> list[dict[str, Any]]:
+    """SLAKE or VQA-RAD as the hub ships them, downloaded once into huggingface_hub's cache."""
+    try:
+        snap = Path(snapshot_download(repo_id, repo_type="dataset",
+                                      allow_patterns=["*.parquet"] if key == "vqa-rad" else None))
+    except Exception as err:  # network, auth or missing-repo errors all mean: no local data
+        raise FileNotFoundError(f"could not fetch the hub dataset {repo_id!r} ({type(err).__name__}: {err}). "
+                                "Without network, download it elsewhere and pass its folder with --root "
+                                "(python: root=...) or a file with --path") from err
+    if key == "vqa-rad":
+        return _vqa_rad(snap, split, None)
+    images = None
     if not (snap / "imgs").is_dir():  # BoKelvin/SLAKE ships its images as imgs.zip: unpacked once into the cache
         if not (snap / "imgs.zip").is_file():
             raise FileNotFoundError(f"hub dataset {repo_id!r} has neither imgs/ nor imgs.zip in {snap}")
@@ -249,10 +250,8 @@ def _load(dataset: str, split: str, *, root: str | Path | None = None, path: str
         rows = _instruction(local, split, images)
     elif local is not None:
         rows = _slake(root_p or path_p.parent, split, lang) if key == "slake" else _vqa_rad(local, split, images)  # type: ignore[union-attr]
-    elif hub_id and key == "slake":
-        rows = _slake_hub(hub_id, split, lang)
-    elif hub_id and key == "vqa-rad":
-        rows = _vqa_rad(_hub_snapshot(hub_id, ["*.parquet"]), split, None)
+    elif hub_id and key in HUB_IDS:
+        rows = _hub(key, hub_id, split, lang)
     else:
         hint = f", or --hub (python: hub=True) to download {HUB_IDS[key]}" if key in HUB_IDS else ""
         raise FileNotFoundError(f"{key} needs a local copy: --root (python: root=...) for the dataset folder "
@@ -262,18 +261,16 @@ def _load(dataset: str, split: str, *, root: str | Path | None = None, path: str
 
 
 def load_records(dataset: str = "synthetic", split: str = "train", **kwargs: Any) -> list[Record]:
-    """Records of one split of ``dataset``: ``synthetic`` (generated and cached; ``size``, ``seed``; ``root``
-    overrides the cache folder), ``slake`` (``root`` = the ``Slake1.0`` folder, its ``validate.json`` being the
-    validation split; ``lang`` keeps one language, None all), ``vqa-rad`` (``path`` = the OSF json or a hub parquet
-    file/folder, or ``root`` = a folder with either; train/test only) or ``instruction`` (``path`` = a MILE
+    """Records of one split (train, validation alias val/valid/validate/dev, test) of ``dataset``: ``synthetic``
+    (generated and cached; ``size``, ``seed``; ``root`` overrides the cache folder), ``slake`` (``root`` = the
+    ``Slake1.0`` folder; ``lang`` keeps one language, None all), ``vqa-rad`` (``path`` = the OSF json or a hub
+    parquet file/folder, or ``root`` = a folder with either; train/test only) or ``instruction`` (``path`` = a MILE
     instruction JSON, or ``root`` with ``<split>.json``; images under ``root``, default next to the file).
-    ``hub=True`` (or a hub id) downloads SLAKE or VQA-RAD from the Hugging Face hub. Splits: train, validation
-    (alias val, valid, validate, dev), test.
+    ``hub=True`` (or a hub id) downloads SLAKE or VQA-RAD from the Hugging Face hub.
 
-    Bad records raise ValueError/FileNotFoundError naming file, position in the file, qid and field;
-    ``skip_bad=True`` (CLI ``--skip-bad``) drops them with a warning that lists them. Image files must exist;
-    ``verify_images=True`` also decodes each image once.
-    """
+    Bad records raise ValueError/FileNotFoundError naming file, position, qid and field; ``skip_bad=True`` (CLI
+    ``--skip-bad``) drops them with a warning listing them. Image files must exist; ``verify_images=True`` also
+    decodes each image once."""
     return _load(dataset, split, **kwargs)[0]
 
 
