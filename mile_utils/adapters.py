@@ -1,15 +1,11 @@
 """Component-wise PEFT of MISS/BLIP VQA: one spec says, for the ViT, the JTM and the decoder, F/T/or a method.
-
-Settings: the reference study's for lora (rank 4/8, alpha 32, dropout 0.1; text ``query``/``value`` of self- and
-cross-attention, ViT every Linear and the patch Conv2d), ia3 (the targets giving the paper's 0.061% for
-IA3/IA3/IA3), prefix (10 virtual tokens, peft's projection MLP) and ptv2 (none); peft's defaults for the newer
-methods on the LoRA targets, except: vera (projections rebuilt from peft's PRNG key, not saved) and oft adapt
-Linears only (peft's VeRA has no Conv2d; peft 0.21's OFT Conv2d is no identity at init), ln tunes LayerNorms,
-qlora needs CUDA. peft's tuners adapt each component in place, so the model stays a ``BlipForQuestionAnswering``
-(components callable alone, ``generate`` works); prefixes are peft's ``PrefixEncoder``, whose keys/values we
-prepend in each self-attention of the component (peft injects them only for a whole model). The reference's JTM
-prefix was a no-op: ``jtm_prefix_noop`` reproduces it. Load base weights before :func:`apply_spec`.
-"""
+lora, ia3, prefix (10 virtual tokens, peft's projection MLP), ptv2: the reference study's settings; the newer
+methods: peft's defaults on the LoRA targets, VeRA and OFT on their Linears only (peft's VeRA has no Conv2d,
+peft 0.21's OFT Conv2d is no identity at init). peft's tuners adapt each component in place: the model stays a
+``BlipForQuestionAnswering`` (components callable alone, ``generate`` works). Prefixes are peft's
+``PrefixEncoder``, whose keys/values we prepend in every self-attention of the component (peft injects them only
+for a whole model); ``jtm_prefix_noop`` reproduces the reference's JTM prefix, which never acted. Load base
+weights before :func:`apply_spec`."""
 
 from __future__ import annotations
 
@@ -37,6 +33,7 @@ METHODS: tuple[str, ...] = ("F", "T", *PEFT, "prefix", "ptv2")  # the vocabulary
 RANKED = ("lora", "dora", "qlora", "loha", "lokr", "adalora")  # the methods the spec's rank sets (AdaLoRA: target)
 REFUSED: dict[tuple[str, str], str] = {("vit", m): "the ViT has no token prompt to prepend to (the study tunes "
                                        "prefixes of the text stacks only)" for m in ("prefix", "ptv2")}  # the reason
+# the reference's LoRA targets: text query/value of self- and cross-attention; ViT every Linear, the patch Conv2d
 LORA_TARGETS: dict[str, tuple[str, ...]] = {"vit": ("qkv", "projection", "fc1", "fc2", "patch_embedding"),
                                             **dict.fromkeys(("jtm", "dec"), ("query", "value"))}
 SPEC_ATTR = "mile_adapter_spec"  # set on the model by apply_spec: which spec it carries
@@ -118,6 +115,7 @@ class AdapterSpec:
 def _peft_config(spec: AdapterSpec, comp: str, component: nn.Module) -> peft.PeftConfig:
     method, targets = getattr(spec, comp), list(LORA_TARGETS[comp])
     linear = [t for t in targets if t != "patch_embedding"]  # VeRA, OFT: no Conv2d (module docstring)
+    # IA3 (targets, feed-forward ones): the one choice that gives the paper's 0.061% for IA3/IA3/IA3
     ia3, ia3_ff = (["qkv", "projection"], ["projection"]) if comp == "vit" else (["key", "value", "output.dense"],
                                                                                   ["output.dense"])
     lora = {"r": spec.rank, "lora_alpha": spec.lora_alpha, "lora_dropout": spec.lora_dropout, "bias": "none"}
@@ -246,10 +244,8 @@ def _carried(model: nn.Module, spec: AdapterSpec | str | None, what: str) -> Ada
 
 
 def count_parameters(model: nn.Module, spec: AdapterSpec | str | None = None) -> dict[str, Any]:
-    """Trainable and total parameters of an adapted model, whole and per component: ``total`` includes adapter
-    parameters, tied ones count once (``parameters()`` de-duplicates); ``percent`` = 100 * trainable / total;
-    ``adapter`` (per component) is what the method added and trains (a no-op JTM prefix included, as the
-    reference counted it)."""
+    """Trainable and total parameters of an adapted model, whole and per component (tied ones once); ``adapter``:
+    what the method added and trains (a no-op JTM prefix included, as the reference counted it)."""
 
     def count(module: nn.Module) -> tuple[int, int]:
         params = list(module.parameters())

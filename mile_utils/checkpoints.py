@@ -41,12 +41,10 @@ _DROPS = [(re.compile(p), reason) for p, reason in (  # original keys dropped on
     (r"^(visual_encoder|text_encoder|text_decoder|vision_proj|text_proj)_m\.", "BLIP pretraining momentum encoder"),
     (r"^(vision_proj|text_proj|itm_head)\.|^(temp|image_queue|text_queue|idx_queue|ptr_queue)$",
      "BLIP pretraining ITC/ITM heads and contrastive state, not part of the VQA model"))]
-# Config fields that must agree between a Hugging Face checkpoint and the model (same shapes can mean other maths),
-# and those only reported (numerically minor: BLIP's timm ViT eps 1e-6 vs transformers' 1e-5; or the tokenizer's).
-_ARCH = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act")
-_MUST_MATCH = [("text_config", f) for f in (*_ARCH, "max_position_embeddings", "encoder_hidden_size")]
-_MUST_MATCH += [("vision_config", f) for f in (*_ARCH, "patch_size", "num_channels")]
-_NOTED = [("text_config", "layer_norm_eps"), ("vision_config", "layer_norm_eps")]
+# Config fields a Hugging Face checkpoint must share with the model though no shape shows them (other maths), and
+# those only reported (numerically minor: BLIP's timm ViT eps 1e-6 vs transformers' 1e-5; or the tokenizer's)
+_MUST_MATCH = [(part, f) for part in ("text_config", "vision_config") for f in ("num_attention_heads", "hidden_act")]
+_NOTED = [(part, "layer_norm_eps") for part in ("text_config", "vision_config")]
 _NOTED += [("text_config", f) for f in ("pad_token_id", "bos_token_id", "sep_token_id")]
 
 
@@ -120,32 +118,27 @@ def _state_dict_in(obj: Any, where: str) -> dict[str, Tensor]:
     """The name -> tensor dict in a loaded object: bare, or under "model"/"state_dict" (other entries ignored)."""
     if isinstance(obj, Mapping):
         obj = next((obj[w] for w in ("model", "state_dict") if isinstance(obj.get(w), Mapping)), obj)
-    if not isinstance(obj, Mapping) or not obj:
-        raise CheckpointError(f"{where}: expected a state dict (name -> tensor), bare or under 'model', got "
-                              f"{type(obj).__name__}" + (" (empty)" if isinstance(obj, Mapping) else ""))
-    bad = [f"{k!r}: {type(v).__name__}" for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, Tensor))]
-    if bad:
-        raise CheckpointError(f"{where}: not a state dict, entries that are not name -> tensor: {', '.join(bad[:5])}"
-                              + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
+    bad = ([f"{k!r}: {type(v).__name__}" for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, Tensor))]
+           if isinstance(obj, Mapping) else [f"a {type(obj).__name__}"])
+    if bad or not obj:
+        raise CheckpointError(f"{where}: expected a state dict (name -> tensor), bare or under 'model'; got "
+                              + (", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "") or "{}"))
     return dict(obj)
 
 
-def _list(title: str, keys: list[str]) -> str:  # the first 20 keys, the rest counted
-    more = f"\n    ... and {len(keys) - 20} more" if len(keys) > 20 else ""
-    return f"  {title} ({len(keys)}):\n" + "\n".join(f"    {k}" for k in keys[:20]) + more
-
-
 def check_keys(source: str, expected: Mapping[str, Tensor], given: Mapping[str, Tensor]) -> None:
-    """Raise :class:`CheckpointError` listing every key of ``expected`` missing from ``given``, every key of
-    ``given`` not expected, and every shape that differs (model weights here; trainable tensors for adapters)."""
+    """Raise :class:`CheckpointError` listing the keys of ``expected`` missing from ``given``, those of ``given``
+    not expected, and the shapes that differ (the first 20 of each, the rest counted)."""
     missing, unexpected = [k for k in expected if k not in given], [k for k in given if k not in expected]
     shapes = [f"{k}: {tuple(given[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
               if k in given and given[k].shape != v.shape]
-    if shapes or missing or unexpected:
-        raise CheckpointError("\n".join([f"{source} does not match the model:"] + [_list(title, keys) for
-                              title, keys in (("missing keys, in the model but not in the checkpoint", missing),
-                                              ("unexpected keys, in the checkpoint but not in the model", unexpected),
-                                              ("shape mismatches, checkpoint vs model", shapes)) if keys]))
+    lists = [f"  {title} ({len(keys)}):\n" + "\n".join(f"    {k}" for k in keys[:20])
+             + (f"\n    ... and {len(keys) - 20} more" if len(keys) > 20 else "")
+             for title, keys in (("missing keys, in the model but not in the checkpoint", missing),
+                                 ("unexpected keys, in the checkpoint but not in the model", unexpected),
+                                 ("shape mismatches, checkpoint vs model", shapes)) if keys]
+    if lists:
+        raise CheckpointError("\n".join([f"{source} does not match the model:", *lists]))
 
 
 def _from_pretrained(model: torch.nn.Module, source: str, report: LoadReport) -> dict[str, Tensor]:
@@ -156,8 +149,6 @@ def _from_pretrained(model: torch.nn.Module, source: str, report: LoadReport) ->
     except OSError as err:  # a folder without weights, a config of another model type...
         raise CheckpointError(f"{source}: not a loadable Hugging Face BLIP VQA folder (config.json and "
                               f"model.safetensors, as save_pretrained writes): {err}") from err
-    if info["missing_keys"]:  # from_pretrained would leave them randomly initialised
-        raise CheckpointError(_list(f"{source}: weights missing from the checkpoint", sorted(info["missing_keys"])))
     for part, name in _MUST_MATCH + _NOTED:
         theirs, ours = (getattr(getattr(m.config, part), name, None) for m in (pretrained, model))
         if theirs != ours and (part, name) in _NOTED:
@@ -165,7 +156,8 @@ def _from_pretrained(model: torch.nn.Module, source: str, report: LoadReport) ->
         elif theirs != ours:
             raise CheckpointError(f"{source}: its configuration does not match the model's: {part}.{name}: "
                                   f"checkpoint {theirs!r}, model {ours!r}")
-    return dict(pretrained.state_dict())
+    # keys from_pretrained had to initialise at random count as missing (listed by check_keys)
+    return {k: v for k, v in pretrained.state_dict().items() if k not in info["missing_keys"]}
 
 
 def load_weights(model: torch.nn.Module, source: str | os.PathLike[str] | Mapping[str, Tensor]) -> LoadReport:
@@ -199,15 +191,12 @@ def load_weights(model: torch.nn.Module, source: str | os.PathLike[str] | Mappin
     if POS_KEY in sd and sd[POS_KEY].shape[-2] - 1 != patches:  # another image size: resize the ViT positions
         report.interpolated = (sd[POS_KEY].shape[-2] - 1, patches)
         sd[POS_KEY] = _interpolate_pos_embed(sd[POS_KEY], patches)
-    ties: dict[int, list[str]] = {}  # names that are one tensor in the model (decoder output = word embeddings)
-    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-        ties.setdefault(id(t), []).append(name)
-    for names in (n for n in ties.values() if len(n) > 1 and any(k in sd for k in n)):
-        present = [sd[n] for n in names if n in sd]
-        if any(t.shape != present[0].shape or not torch.equal(t, present[0]) for t in present[1:]):
-            raise CheckpointError(f"{src}: {' and '.join(names)} differ, but the model ties them (one tensor); "
+    for pair in model.all_tied_weights_keys.items():  # one tensor, two names (the decoder's output = embeddings)
+        present = [sd[n] for n in pair if n in sd]
+        if len(present) == 2 and (present[0].shape != present[1].shape or not torch.equal(*present)):
+            raise CheckpointError(f"{src}: {' and '.join(pair)} differ, but the model ties them (one tensor); "
                                   "loading would silently keep only one of them")
-        sd.update({n: present[0] for n in names})
+        sd.update(dict.fromkeys(pair, present[0]) if present else {})
     target = model.state_dict()
     check_keys(src, target, sd)
     model.load_state_dict(sd)

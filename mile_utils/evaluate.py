@@ -1,13 +1,11 @@
 """One evaluation path for every method: beam-search generation (the reference's) or BLIP's answer ranking, from
 the question states of :func:`mile_utils.train.question_states` (frozen parts precomputed), to
-``predictions.jsonl`` and the metrics of :mod:`mile_utils.metrics`.
-
-Generation against MISS's original (MILE ``models/mile_vqa.py``, transformers 4.26): the same beam search (3
-beams, ``max_length`` 10 counting [DEC], ``min_length`` 1, ``length_penalty`` 1, [SEP] ends), except (1) the
-original passes an all-ones question mask to ``generate`` (beams attend to question padding); we pass the real
-mask, as training does (``reference_quirk=True``: all ones); (2) a beam cut at ``max_length`` is normalised by 9
-tokens here, 10 there (transformers 5 counts generated tokens with [SEP], 4.26 the hypothesis with [DEC]); every
-answer ending in [SEP] scores the same."""
+``predictions.jsonl`` and the metrics of :mod:`mile_utils.metrics`. Generation is MISS's (MILE
+``models/mile_vqa.py``, transformers 4.26: 3 beams, ``max_length`` 10 counting [DEC], ``min_length`` 1, [SEP]
+ends) but for (1) the question mask: MISS passes all ones to ``generate`` (beams attend to question padding), we
+pass the real mask, as training does (``reference_quirk=True``: all ones); (2) a beam cut at ``max_length`` is
+normalised by 9 tokens here, 10 there (transformers 5 counts generated tokens with [SEP], 4.26 the hypothesis with
+[DEC]); answers ending in [SEP] score the same."""
 
 from __future__ import annotations
 
@@ -23,16 +21,7 @@ from torch import nn
 from .files import atomic_write
 from .model import component_modules
 from .profiles import Profile, get_profile
-from .train import (
-    FrozenFeatures,
-    VQACollator,
-    answer_loss,
-    decoder_logits,
-    encode_answers,
-    question_states,
-)
-
-METHODS = ("generate", "rank")
+from .train import FrozenFeatures, VQACollator, answer_loss, decoder_logits, encode_answers, question_states
 
 
 @torch.no_grad()
@@ -54,8 +43,7 @@ def rank_answers(model: nn.Module, tokenizer: Any, batch: dict[str, Any], profil
                  candidates: Sequence[str], *, k: int = 128, label_smoothing: float = 0.1) -> list[str]:
     """BLIP's ``rank_answer``: keep the ``k`` candidates whose first token is likeliest after [DEC], then pick
     the one with the lowest answer loss (computed as in training, label smoothing included, as BLIP does)."""
-    states = question_states(model, batch)
-    qmask = batch["attention_mask"]
+    states, qmask = question_states(model, batch), batch["attention_mask"]
     ans_ids, ans_mask, labels = (t.to(states.device) for t in encode_answers(tokenizer, candidates,
                                                                               profile.max_answer_tokens))
     n_q, k = states.shape[0], min(k, len(candidates))
@@ -83,15 +71,10 @@ def evaluate_model(model: nn.Module, tokenizer: Any, profile: str | Profile, dat
 
     from .metrics import compute_metrics
 
-    if method not in METHODS:
-        raise ValueError(f"evaluation method {method!r}: expected one of {METHODS}")
-    if method == "rank" and not candidates:
-        raise ValueError("method='rank' needs a non-empty candidate answer list")
-    if len(dataset) == 0:
-        raise ValueError("no evaluation records")
-    prof = get_profile(profile)
-    device = device or next(model.parameters()).device
-    autocast = autocast or nullcontext
+    if method not in ("generate", "rank") or (method == "rank" and not candidates) or len(dataset) == 0:
+        raise ValueError(f"evaluate_model: method {method!r} (expected 'generate', or 'rank' with a non-empty "
+                         f"candidates list) on {len(dataset)} records (expected some)")
+    prof, device, autocast = get_profile(profile), device or next(model.parameters()).device, autocast or nullcontext
     was_training = model.training
     model.eval()
     features = FrozenFeatures(model, tokenizer, prof, device=device, dtype=dtype, enabled=use_cache,
@@ -103,14 +86,13 @@ def evaluate_model(model: nn.Module, tokenizer: Any, profile: str | Profile, dat
     questions: list[str] = []
     for start in tqdm(range(0, len(dataset), batch_size), desc="evaluate", leave=False, disable=not progress):
         batch = collator(range(start, min(start + batch_size, len(dataset))))
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        batch = features.attach(batch, dataset, autocast)
+        batch = features.attach({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}, dataset,
+                                autocast)
         questions.extend(batch["questions"])
         with autocast():
-            if method == "generate":
-                predictions.extend(generate_answers(model, tokenizer, batch, prof, reference_quirk=reference_quirk))
-            else:
-                predictions.extend(rank_answers(model, tokenizer, batch, prof, cands, label_smoothing=label_smoothing))
+            predictions.extend(generate_answers(model, tokenizer, batch, prof, reference_quirk=reference_quirk)
+                               if method == "generate" else
+                               rank_answers(model, tokenizer, batch, prof, cands, label_smoothing=label_smoothing))
     model.train(was_training)
     rows = [{"qid": r.qid, "question": q, "answer": r.answer, "prediction": p, "answer_type": r.answer_type,
              "content_type": r.content_type} for r, q, p in zip(dataset.records, questions, predictions, strict=True)]

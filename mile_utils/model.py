@@ -92,8 +92,30 @@ def build_tokenizer(profile: str | Profile = "tiny", path: str | Path | None = N
     return load_local_first(load, str(path or "bert-base-uncased"), f"tokenizer of profile {prof.name!r} (--tokenizer)")
 
 
-def blip_config(profile: str | Profile = "tiny", tokenizer: Tokenizer | None = None) -> BlipConfig:
-    """A ``BlipConfig`` of the profile's size whose special-token ids match ``tokenizer``."""
+def _cross_attention_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_mask: Any = None,
+                             encoder_hidden_states: Any = None, cache: Any = None) -> tuple:
+    """The text stacks' cross-attention, honouring the encoder mask: in transformers 5, ``BlipTextAttention`` hands
+    it over as ``attention_mask``, which a cross-attention ignores, so the decoder would attend to question padding,
+    unlike BLIP/MISS (``med.py``). Here it goes where the attention reads it."""
+    context, probs = self.self(hidden_states, encoder_hidden_states=encoder_hidden_states,
+                               encoder_attention_mask=attention_mask, cache=cache)
+    return self.output(context, hidden_states), probs
+
+
+def _drop_path(rate: float, module: torch.nn.Module, args: Any, output: Any) -> Any:
+    """Forward hook: timm's DropPath on a residual branch (whole samples zeroed, the rest scaled), training only."""
+    if not module.training:
+        return output
+    x = output[0] if isinstance(output, tuple) else output
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - rate).div_(1 - rate)
+    return (x * keep, *output[1:]) if isinstance(output, tuple) else x * keep
+
+
+def build_model(profile: str | Profile = "tiny", tokenizer: Tokenizer | None = None, *,
+                device: str | torch.device = "cpu", seed: int | None = 0) -> BlipForQuestionAnswering:
+    """A randomly initialised MISS/BLIP VQA model of the profile's size whose special-token ids match ``tokenizer``,
+    with the cross-attention mask fix and the ViT's drop-path. ``device="meta"`` allocates no weights: enough for
+    parameter accounting."""
     prof = get_profile(profile)
     if prof.vocab_size is not None:  # paper: BLIP's ids, so the model needs no tokenizer download
         if tokenizer is not None:
@@ -114,36 +136,8 @@ def blip_config(profile: str | Profile = "tiny", tokenizer: Tokenizer | None = N
                   num_attention_heads=prof.vit_heads, image_size=prof.image_size, patch_size=prof.patch_size,
                   layer_norm_eps=1e-6, initializer_range=0.02)
     config = BlipConfig(text_config=text, vision_config=vision)
-    config.vision_config.drop_path_rate = prof.vit_drop_path  # read by build_model (transformers has no drop-path)
+    config.vision_config.drop_path_rate = prof.vit_drop_path  # recorded in the config (transformers has none)
     config._attn_implementation = "eager"  # BLIP computes attention explicitly: masks stay additive, as there
-    return config
-
-
-def _cross_attention_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_mask: Any = None,
-                             encoder_hidden_states: Any = None, cache: Any = None, **kwargs: Any) -> tuple:
-    """The text stacks' cross-attention, honouring the encoder mask: in transformers 5, ``BlipTextAttention`` hands
-    it over as ``attention_mask``, which a cross-attention ignores, so the decoder would attend to question padding,
-    unlike BLIP/MISS (``med.py``). Here it goes where the attention reads it."""
-    cache = cache if cache is not None else kwargs.get("past_key_values")
-    context, probs = self.self(hidden_states, encoder_hidden_states=encoder_hidden_states,
-                               encoder_attention_mask=attention_mask, cache=cache)
-    return self.output(context, hidden_states), probs
-
-
-def _drop_path(rate: float, module: torch.nn.Module, args: Any, output: Any) -> Any:
-    """Forward hook: timm's DropPath on a residual branch (whole samples zeroed, the rest scaled), training only."""
-    if not module.training:
-        return output
-    x = output[0] if isinstance(output, tuple) else output
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - rate).div_(1 - rate)
-    return (x * keep, *output[1:]) if isinstance(output, tuple) else x * keep
-
-
-def build_model(profile: str | Profile = "tiny", tokenizer: Tokenizer | None = None, *,
-                device: str | torch.device = "cpu", seed: int | None = 0) -> BlipForQuestionAnswering:
-    """A randomly initialised MISS/BLIP VQA model of the profile's size, with the cross-attention mask fix and the
-    ViT's drop-path. ``device="meta"`` allocates no weights: enough for parameter accounting."""
-    config = blip_config(profile, tokenizer)
     if seed is not None and str(device) != "meta":
         torch.manual_seed(seed)
     with torch.device(device):

@@ -15,7 +15,7 @@ import torch
 from transformers import BlipForQuestionAnswering
 
 from mile_utils.checkpoints import CheckpointError, load_weights
-from mile_utils.model import blip_config, build_model, build_tokenizer
+from mile_utils.model import build_model, build_tokenizer
 
 TIED = {  # MISS/BLIP tie the decoder's output layer to its word embeddings, as transformers does
     "text_decoder.cls.predictions.decoder.weight": "text_decoder.bert.embeddings.word_embeddings.weight",
@@ -219,7 +219,7 @@ def test_saved_pretrained_folder_loads_and_a_folder_missing_files_fails(tiny, to
 
 
 def test_huggingface_folder_with_other_architecture_is_refused(tok, tmp_path):
-    config = blip_config("tiny", tok)
+    config = build_model("tiny", tok).config
     config.text_config.num_attention_heads = 8  # same shapes, different maths
     BlipForQuestionAnswering(config).save_pretrained(tmp_path / "hf")
     with pytest.raises(CheckpointError, match=r"text_config\.num_attention_heads: checkpoint 8, model 4"):
@@ -227,7 +227,7 @@ def test_huggingface_folder_with_other_architecture_is_refused(tok, tmp_path):
 
 
 def test_huggingface_folder_at_another_image_size_is_interpolated_and_eps_noted(tok, tmp_path):
-    config = blip_config("tiny", tok)
+    config = build_model("tiny", tok).config
     config.vision_config.image_size = 32  # 16 patches instead of 64
     config.vision_config.layer_norm_eps = 1e-5  # transformers' default (blip-vqa-base): reported, not refused
     BlipForQuestionAnswering(config).save_pretrained(tmp_path / "hf")
@@ -279,10 +279,10 @@ def test_corrupt_files_fail_clearly(tok, tmp_path):
 
 def test_files_that_are_not_state_dicts(tok, tmp_path):
     torch.save([torch.zeros(1)], tmp_path / "list.pth")
-    with pytest.raises(CheckpointError, match=r"list\.pth: expected a state dict.*got list"):
+    with pytest.raises(CheckpointError, match=r"list\.pth: expected a state dict.*got a list"):
         load_weights(_fresh(tok), tmp_path / "list.pth")
     torch.save({"w": torch.zeros(1), "epoch": 3}, tmp_path / "mixed.pth")
-    with pytest.raises(CheckpointError, match=r"mixed\.pth: not a state dict.*'epoch': int"):
+    with pytest.raises(CheckpointError, match=r"mixed\.pth: expected a state dict.*got 'epoch': int"):
         load_weights(_fresh(tok), tmp_path / "mixed.pth")
 
 
