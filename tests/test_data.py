@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -334,6 +335,32 @@ def test_cli_names_its_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert out["records"] == 1 and out["problems"][0]["field"] == "answer"
     assert main(["data", "--dataset", "vqa-rad", "--path", str(file), "--split", "test"]) == 2
     assert "holds split 'train', not 'test' (--split" in capsys.readouterr().err
+
+
+def test_hub_downloads_read_like_local_copies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--hub reads what huggingface_hub downloads: SLAKE with its images as imgs.zip (unpacked once into the cache),
+    VQA-RAD's parquet files."""
+    import mile_utils.data.loaders as loaders
+
+    slake = make_slake(tmp_path / "slake")
+    shutil.make_archive(str(slake / "imgs"), "zip", slake, "imgs")
+    shutil.rmtree(slake / "imgs")
+    (tmp_path / "rad" / "data").mkdir(parents=True)
+    pq.write_table(hub_table([png_bytes(3)], ["q?"], ["yes"]), tmp_path / "rad" / "data" / "test-0-of-1.parquet")
+    snapshots = {"BoKelvin/SLAKE": slake, "flaviagiammarino/vqa-rad": tmp_path / "rad"}
+    monkeypatch.setattr(loaders, "snapshot_download", lambda repo_id, **kw: str(snapshots[repo_id]))
+    monkeypatch.setenv("MILE_DATA_DIR", str(tmp_path / "cache"))
+    recs = load_records("slake", "train", hub=True)
+    assert [r.qid for r in recs] == [1, 3] and recs[1].load_image().mode == "RGB"
+    assert Path(recs[0].image_root).is_relative_to(tmp_path / "cache")
+    assert [(r.qid, r.answer_type) for r in load_records("vqa-rad", "test", hub=True)] == [("test_00000", "CLOSED")]
+
+    def offline(repo_id: str, **kwargs: object) -> str:
+        raise OSError("no network")
+
+    monkeypatch.setattr(loaders, "snapshot_download", offline)
+    with pytest.raises(FileNotFoundError, match="could not fetch the hub dataset 'BoKelvin/SLAKE'.*--root"):
+        load_records("slake", "train", hub=True)
 
 
 # ---------------------------------------------------------------- instruction JSON

@@ -118,8 +118,6 @@ def _split_file(folder: Path, split: str) -> Path:
     return found[0]
 
 
-
-
 def _slake(root: Path, split: str, lang: str | None, images: Path | None = None) -> list[dict[str, Any]]:
     """SLAKE's official layout: ``<root>/{train,validate,test}.json`` and ``<root>/imgs/<img_name>``, root
     being the ``Slake1.0`` folder or one above it. ``lang="en"`` keeps English questions (``q_lang``)."""
