@@ -29,7 +29,7 @@ ALPHA = 0.05  # a comparison's verdict: exact McNemar p below this
 QUESTIONS = ("open", "closed", "global")
 ROUNDING = {"trainable_pct": 3, "open": 1, "closed": 1, "global": 1, "final_loss": 3, "wall_s": 0}
 DATA_SETTINGS = ("profile", "dataset", "size", "seed")  # all that a chapter which trains nothing reads
-SETTINGS = (*DATA_SETTINGS, "epochs", "batch_size", "lr", "min_lr", "weight_decay", "eval_method")
+SETTINGS = ("profile", "dataset", "size", "epochs", "batch_size", "lr", "min_lr", "weight_decay", "seed", "eval_method")
 
 
 def setup(profile: str, dataset: str, data_dir: str = "", checkpoint: str = "", runs_dir: str = "../runs",
@@ -52,7 +52,7 @@ def setup(profile: str, dataset: str, data_dir: str = "", checkpoint: str = "", 
 
 def settings(base: RunConfig, *spec_fields: str, training: bool = True) -> pd.DataFrame:
     """The shared settings (profile defaults filled in; the data's only, unless ``training``), ``spec_fields``."""
-    values = {k: getattr(base.resolved(), k) for k in (SETTINGS if training else DATA_SETTINGS)} | {
+    values = {k: getattr(base.resolved(), k) for k in SETTINGS if training or k in DATA_SETTINGS} | {
         k: getattr(base.spec, k) for k in spec_fields}
     return pd.DataFrame({"setting": list(values.values())}, index=list(values)).astype(str)
 

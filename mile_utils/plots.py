@@ -106,7 +106,7 @@ def tradeoff(table: pd.DataFrame, x: str, y: str = "global", hue: str = "method"
     if logx:  # plain numbers on the decades ("0.1", "10"), not 10^-1
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter("{x:g}")
-    return _finish(ax, xlabel or x, f"{y} accuracy (%), 95% interval", title, hue)
+    return _finish(ax, xlabel or x, f"{y} accuracy (%), 95% interval", title, None if style else hue)
 
 
 def loss_curves(runs: pd.DataFrame, label: str = "run", title: str | None = None) -> Axes:
