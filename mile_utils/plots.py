@@ -29,7 +29,7 @@ def sample_grid(samples: Sequence[Mapping[str, Any]], ncols: int = 4) -> Figure:
     if not samples:
         raise ValueError("sample_grid: no samples to show")
     ncols, nrows = min(ncols, len(samples)), -(-len(samples) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.2 * ncols, 3.5 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.2 * ncols, 3.52 * nrows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, sample in zip(axes.flat, samples, strict=False):
