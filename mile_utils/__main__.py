@@ -23,18 +23,19 @@ from .experiments import RunConfig
 from .train import NonFiniteLossError
 
 
-def _add_fields(p: argparse.ArgumentParser, cls: type, only: Sequence[str] | None = None) -> None:
-    """One ``--flag-name`` per dataclass field: its type, default, help and choices; booleans get ``--no-``."""
+def _add_fields(p: argparse.ArgumentParser, cls: type, *only: str) -> None:
+    """One ``--flag-name`` per dataclass field (all, or ``only``): its type, default, help and choices; booleans
+    get ``--no-``; a field of several types (a size name or a number) is read as a string."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name == "spec" or (only is not None and f.name not in only):
+        if f.name == "spec" or (only and f.name not in only):
             continue
         kinds = [t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None)]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         kw: dict = {"default": default, "help": f.metadata.get("help"), "dest": f.name}
         if kinds == [bool]:
             kw["action"] = argparse.BooleanOptionalAction
-        else:  # str | int (a size name or a number) stays a string
+        else:
             kw.update(type=kinds[0] if len(kinds) == 1 else str, choices=f.metadata.get("choices"))
         p.add_argument("--" + f.name.replace("_", "-"), **kw)
 
@@ -45,11 +46,11 @@ def _spec(args: argparse.Namespace) -> AdapterSpec:
 
 def cmd_params(args: argparse.Namespace) -> tuple[Any, str]:
     spec = _spec(args)
-    report = parameter_report(spec, profile=args.profile)
-    return report, "\n".join([
-        f"{spec} on profile {args.profile}: {report['trainable']:,} trainable of {report['total']:,} "
-        f"({report['percent']:.3f}%)", *(f"  {name:4s} {c['method']:7s} trainable {c['trainable']:>12,}  total "
-                                         f"{c['total']:>12,}" for name, c in report["components"].items())])
+    r = parameter_report(spec, profile=args.profile)
+    rows = [f"  {name:4s} {c['method']:7s} trainable {c['trainable']:>12,}  total {c['total']:>12,}"
+            for name, c in r["components"].items()]
+    return r, "\n".join([f"{spec} on profile {args.profile}: {r['trainable']:,} trainable of {r['total']:,} "
+                         f"({r['percent']:.3f}%)", *rows])
 
 
 def cmd_data(args: argparse.Namespace) -> tuple[Any, str]:
@@ -64,7 +65,7 @@ def cmd_train(args: argparse.Namespace) -> tuple[Any, str] | None:
     if args.no_progress:  # also transformers' own bars (e.g. "Loading weights" of a checkpoint folder)
         logging.disable_progress_bar()
     results = experiments.run_experiment(config, resume=args.resume, keep_checkpoint=args.keep_checkpoint,
-                             progress=not args.no_progress)
+                                         progress=not args.no_progress)
     if not PartialState().is_main_process:  # under `accelerate launch`, one report, not one per process
         return None
     m, t, out = results["metrics"], results["timing"], results["config"]["out"]
@@ -74,8 +75,8 @@ def cmd_train(args: argparse.Namespace) -> tuple[Any, str] | None:
 
 
 def cmd_bench(args: argparse.Namespace) -> tuple[Any, str]:
-    report = run_benchmark(profile=args.profile, steps=args.steps, repeats=args.repeats,
-                           batch_size=args.batch_size, specs=args.specs, device=args.device)
+    keys = ("profile", "steps", "repeats", "batch_size", "specs", "device", "min_block_s")
+    report = run_benchmark(**{k: getattr(args, k) for k in keys})
     return report, format_table(report)
 
 
@@ -86,17 +87,17 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, func: Any, help: str) -> argparse.ArgumentParser:
+    def command(name: str, func: Any, help: str, *fields: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
         p.set_defaults(func=func)
         p.add_argument("--json", action="store_true", help="print the result as JSON")
+        _add_fields(p, RunConfig, *fields)
         return p
 
-    p = command("params", cmd_params, "count trainable/total parameters of a component spec")
-    _add_fields(p, AdapterSpec)
-    _add_fields(p, RunConfig, only=["profile"])
-    p = command("data", cmd_data, "summarise a dataset split and report the first problems")
-    _add_fields(p, RunConfig, only=["dataset", "root", "path", "size"])
+    _add_fields(command("params", cmd_params, "count trainable/total parameters of a component spec", "profile"),
+                AdapterSpec)
+    p = command("data", cmd_data, "summarise a dataset split and report the first problems",
+                "dataset", "root", "path", "size")
     p.add_argument("--split", default="train")
     p.add_argument("--seed", type=int, default=0, help="the built-in set's generator seed")
     p.add_argument("--skip-bad", action="store_true", help="skip bad records and report them")
@@ -104,17 +105,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="download from the Hugging Face hub (slake, vqa-rad), optionally naming a hub id")
     p = command("train", cmd_train, "train and evaluate one configuration; writes OUT/results.json")
     _add_fields(p, AdapterSpec)
-    _add_fields(p, RunConfig)
     p.add_argument("--resume", action="store_true", help="continue from OUT's last checkpoint")
     p.add_argument("--keep-checkpoint", action="store_true", help="keep OUT/checkpoint.pt after the run")
     p.add_argument("--no-progress", action="store_true")
-    p = command("bench", cmd_bench, "samples/s and peak memory of our loop vs a reference-style loop")
-    _add_fields(p, RunConfig, only=["profile"])
+    p = command("bench", cmd_bench, "samples/s and peak memory of our loop vs a reference-style loop", "profile")
     p.add_argument("--steps", type=int, default=None, help="steps per timed block")
     p.add_argument("--repeats", type=int, default=None, help="timed blocks per loop (after one warm-up block)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--specs", nargs="*", default=None, help="e.g. T/T/T F/F/lora")
     p.add_argument("--device", default=None)
+    p.add_argument("--min-block-s", type=float, default=2.0, help="shortest timed block when --steps is not given")
     return parser
 
 

@@ -1,7 +1,7 @@
 """Run one configuration end to end (data -> model -> spec -> train -> evaluate -> results.json), or a grid.
-:class:`RunConfig` is the one description of a run (the CLI's flags are generated from it). A finished run is
-recognised by its identity: its settings, and its data, starting weights and tokenizer by content, never by where
-they or the run folder lie, so a runs folder moved to another machine is reused as is."""
+:class:`RunConfig` describes a run (the CLI's flags are generated from it). A finished run is recognised by its
+identity: its settings, and its data, starting weights and tokenizer by content, never by path (a moved runs folder
+is reused as is)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import accelerate
+import pandas as pd
 import peft
 import torch
 import transformers
@@ -86,6 +87,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         self.spec = AdapterSpec.from_dict(self.spec) if isinstance(self.spec, dict) else AdapterSpec.parse(self.spec)
+        for f in fields(self):  # fail early, naming the field (the CLI checks its flags' choices itself)
+            if (value := getattr(self, f.name)) is not None and value not in f.metadata.get("choices", (value,)):
+                raise ValueError(f"{f.name} {value!r}: expected one of {f.metadata['choices']}")
         if isinstance(self.method_lr, str):  # the CLI's form: ia3=1e-2,ptv2=3e-2
             pairs = [kv.split("=") for kv in self.method_lr.split(",") if kv]
             try:
@@ -94,9 +98,6 @@ class RunConfig:
                 raise ValueError(f"method_lr {self.method_lr!r}: expected METHOD=LR,... e.g. ia3=1e-2") from err
         if unknown := set(self.method_lr or ()) - set(METHODS):
             raise ValueError(f"method_lr names unknown methods {sorted(unknown)}: expected some of {METHODS}")
-        get_profile(self.profile)  # fail early on an unknown profile
-        if self.eval_method not in ("generate", "rank"):
-            raise ValueError(f"eval_method {self.eval_method!r}: expected 'generate' or 'rank'")
 
     @property
     def spec_str(self) -> str:
@@ -253,31 +254,27 @@ def run_experiment(config: RunConfig, resume: bool = False, *, skip_finished: bo
         cfg.spec = replace(cfg.spec, total_step=max(1, steps))
     prof = get_profile(cfg.profile)
     transform = ImageTransform(prof.image_size, reference_quirk=cfg.reference_quirk)
-    train_ds = VQADataset(train_records, transform, train=True, seed=cfg.seed)
-    eval_ds = VQADataset(eval_records, transform, train=False, seed=cfg.seed)
     acc = make_accelerator(cfg.grad_accum, cfg.mixed_precision)
     tokenizer, model = build_run(cfg)
-    trained = train_model(model, tokenizer, train_ds, cfg, out_dir=out, resume=resume, run_key=identity["key"],
-                          accelerator=acc, progress=progress)
-
+    trained = train_model(model, tokenizer, VQADataset(train_records, transform, train=True, seed=cfg.seed), cfg,
+                          out_dir=out, resume=resume, run_key=identity["key"], accelerator=acc, progress=progress)
     if acc.is_main_process:
         eval_start = time.perf_counter()
         evaluated = evaluate_model(
-            model, tokenizer, prof, eval_ds, out_dir=out, method=cfg.eval_method,
-            candidates=sorted({r.answer for r in train_records}), batch_size=cfg.eval_batch_size or 64,
-            device=acc.device, autocast=acc.autocast, use_cache=cfg.use_cache,
+            model, tokenizer, prof, VQADataset(eval_records, transform, train=False, seed=cfg.seed), out_dir=out,
+            method=cfg.eval_method, candidates=sorted({r.answer for r in train_records}),
+            batch_size=cfg.eval_batch_size or 64, device=acc.device, autocast=acc.autocast, use_cache=cfg.use_cache,
             dtype=torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32,
             label_smoothing=cfg.label_smoothing, reference_quirk=cfg.reference_quirk, progress=progress)
-        eval_seconds = time.perf_counter() - eval_start
+        eval_s, train_s = time.perf_counter() - eval_start, trained["train_seconds"]
         save_adapters(model, cfg.spec, out / WEIGHTS_DIR)
-        train_s = trained["train_seconds"]
         write_json(out / RESULTS_NAME, {
             "config": cfg.to_dict(), "identity": identity, "params": count_parameters(model, cfg.spec),
             "metrics": evaluated["metrics"], "history": trained["history"],
             "data": {"train": len(train_records), "eval": len(eval_records), "eval_split": cfg.eval_split,
                      "train_images": len({r.img_name for r in train_records})},
             "timing": {"wall_s": round(time.perf_counter() - wall_start, 3), "train_s": round(train_s, 3),
-                       "cache_s": round(trained["cache_seconds"], 3), "eval_s": round(eval_seconds, 3),
+                       "cache_s": round(trained["cache_seconds"], 3), "eval_s": round(eval_s, 3),
                        "train_samples_per_s": round(trained["samples"] / max(train_s, 1e-9), 3),
                        "resumed_from_epoch": trained["resumed_from_epoch"]},
             "cache": {**trained["cached"], "eval_bytes": evaluated["cache"]["bytes"]},
@@ -295,7 +292,6 @@ def run_experiment(config: RunConfig, resume: bool = False, *, skip_finished: bo
 def results_row(results: dict[str, Any]) -> dict[str, Any]:
     """One flat table row of a run's results (what the grid table and the book's comparisons show)."""
     cfg, m, p, spec = results["config"], results["metrics"], results["params"], results["config"]["spec"]
-    closed_yes_no = m.get("yes_no", {}).get("closed")
     return {
         "spec": cfg.get("spec_str") or f"{spec['vit']}/{spec['jtm']}/{spec['dec']}",
         "vit": spec["vit"], "jtm": spec["jtm"], "dec": spec["dec"],
@@ -304,8 +300,6 @@ def results_row(results: dict[str, Any]) -> dict[str, Any]:
         "profile": cfg["profile"], "dataset": cfg["dataset"], "epochs": cfg["epochs"], "seed": cfg["seed"],
         "trainable_pct": p.get("percent"), "trainable": p.get("trainable"), "total": p.get("total"),
         "open": m["open"]["accuracy"], "closed": m["closed"]["accuracy"], "global": m["global"]["accuracy"],
-        **({"closed_yes_no": closed_yes_no.get("accuracy") if isinstance(closed_yes_no, dict) else None}
-           if "yes_no" in m else {}),
         "final_loss": results["history"][-1]["loss"] if results.get("history") else None,
         "peak_memory_gb": results["memory"]["peak_bytes"] / 2**30, "memory_kind": results["memory"]["kind"],
         "cache_gb": results["memory"].get("cache_bytes", 0) / 2**30,
@@ -314,18 +308,14 @@ def results_row(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_grid(configs: Iterable[RunConfig], *, skip_finished: bool = True, progress: bool = True) -> Any:
+def run_grid(configs: Iterable[RunConfig], *, skip_finished: bool = True, progress: bool = True) -> pd.DataFrame:
     """Run each config (a finished run of the same identity in its folder is skipped) -> pandas table."""
-    import pandas as pd
-
     return pd.DataFrame([results_row(run_experiment(c, skip_finished=skip_finished, progress=progress))
                          for c in configs])
 
 
-def collect_results(root: str | Path) -> Any:
+def collect_results(root: str | Path) -> pd.DataFrame:
     """A pandas table of every ``results.json`` under ``root`` (e.g. a results folder from a GPU run)."""
-    import pandas as pd
-
     return pd.DataFrame([results_row(load_results(p.parent)) for p in sorted(Path(root).rglob(RESULTS_NAME))])
 
 
@@ -336,9 +326,8 @@ def paper_reference() -> dict[str, Any]:
 
 
 def paper_rows(include_full: bool = True) -> list[dict[str, Any]]:
-    """The 23 configurations of the paper's Tables 1–4 (plus full fine-tuning T/T/T) with their numbers: ``spec``
-    in our names (``F/lora/lora``), ``rank``, ``table``, ``params_pct``, ``memory_gb``, ``open``, ``closed``,
-    ``global`` (T/T/T: none in those tables)."""
+    """The 23 configurations of the paper's Tables 1–4 (plus T/T/T, not in them) with their numbers: ``spec`` in our
+    names (``F/lora/lora``), ``rank``, ``table``, ``params_pct``, ``memory_gb``, ``open``, ``closed``, ``global``."""
     keys = ("table", "params_pct", "memory_gb", "open", "closed", "global")
     rows = [{"spec": str(AdapterSpec(r["vit"], r["jtm"], r["dec"])), "rank": r.get("rank"), **{k: r[k] for k in keys}}
             for r in paper_reference()["tables_1_to_4"]]
@@ -367,11 +356,8 @@ def paper_grid(base: RunConfig | None = None, *, table: int | None = None, inclu
 def trained_model(config: RunConfig) -> tuple[Any, Any]:
     """Tokenizer and model of a finished run: its initial weights, its spec, then its trained weights."""
     cfg = config.resolved()
-    weights = Path(cfg.out) / WEIGHTS_DIR
-    if not weights.is_dir():
-        raise FileNotFoundError(f"{weights}: the run has no trained weights (has it finished?)")
     tokenizer, model = build_run(cfg)
-    load_adapters(model, cfg.spec, weights)
+    load_adapters(model, cfg.spec, Path(cfg.out) / WEIGHTS_DIR)  # FileNotFoundError if the run has not finished
     return tokenizer, model.eval()
 
 
@@ -385,18 +371,12 @@ def export_model(config: RunConfig, dest: str | Path) -> Path:
 
 def pretrained_stand_in(runs_dir: str | Path, *, seed: int = 0, data_seed: int = 0, size: str | int = "full",
                         progress: bool = True) -> str:
-    """The starting weights of the ``tiny`` profile's chapters: a small stand-in for pretrained MISS.
-
-    The paper froze and adapted *pretrained* components; there are no pretrained weights of the tiny size, and
-    a frozen random ViT says nothing about freezing. So the stand-in is the tiny model fully trained (T/T/T) on
-    the built-in set's ``pretraining`` variant, as MISS's pretraining data differ from SLAKE: other scans and
-    questions (generator seed ``data_seed + 1``), and the open questions on abnormality, modality, colour and
-    position never asked (``synthetic.UNASKED``), so their answers are new to it. ``size`` (the chapters' set)
-    picks the stand-in's: the 700-image pretraining set for a named size, as many images for a number (quick
-    tests). 3 epochs at batch 16 (twice the updates of the profile's batch). Trained once, in
-    ``runs_dir/tiny-pretrained``; returns the folder of the exported model (for ``checkpoint``), named by the
-    stand-in run's identity, so a moved runs folder is found again.
-    """
+    """The tiny chapters' stand-in for pretrained MISS (a frozen random ViT would say nothing about freezing): the
+    tiny model fully trained (T/T/T, 3 epochs, batch 16) on the built-in set's ``pretraining`` variant, shifted as
+    MISS's pretraining data are from SLAKE: other scans and questions (seed ``data_seed + 1``), the open questions on
+    abnormality, modality, colour and position never asked (``synthetic.UNASKED``). A named ``size`` takes its
+    700 images, a number as many. Trained once in ``runs_dir/tiny-pretrained``; returns the exported model's folder,
+    named by the run's identity (a moved runs folder is found again)."""
     root = Path(runs_dir) / "tiny-pretrained"
     images = "full" if str(size) in ("small", "full") else size
     cfg = RunConfig(profile="tiny", dataset="synthetic", spec="T/T/T", size=f"pretraining:{images}", seed=seed,

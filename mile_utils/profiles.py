@@ -51,7 +51,7 @@ TINY = Profile(
     name="tiny", image_size=64, patch_size=8, vit_hidden=128, vit_layers=2, vit_heads=4, vit_mlp=256,
     text_hidden=128, text_layers=2, text_heads=4, text_mlp=256, max_positions=128, vocab_size=None,
     batch_size=32, lr=1e-3, min_lr=1e-5, weight_decay=0.05, epochs=3, max_question_tokens=35, max_answer_tokens=10,
-    method_lr=(("ia3", 1e-2), ("ptv2", 3e-2)))
+    method_lr=(("ia3", 3e-2), ("ptv2", 3e-2), ("vera", 3e-2)))
 PROFILES: dict[str, Profile] = {p.name: p for p in (TINY, PAPER)}
 
 

@@ -1,8 +1,7 @@
-"""The one training loop, for every component spec: the forward by components as BLIP/MISS (ViT -> JTM: question
-tokens cross-attending to the image -> decoder: answer tokens cross-attending to the question states), frozen
-components run once per run (:class:`FrozenFeatures`), Accelerate (device, bf16 autocast on GPU, accumulation,
-data parallel), AdamW over trainable parameters, per-epoch cosine (the reference's), an atomic per-epoch
-checkpoint of what cannot be rebuilt (``weights_only=True``-loadable)."""
+"""The one training loop, for every component spec. The forward runs by components as in BLIP/MISS: ViT -> JTM
+(question tokens cross-attending to the image) -> decoder (answer tokens cross-attending to the question states).
+Frozen components run once per run (:class:`FrozenFeatures`); Accelerate does device, bf16 on GPU, accumulation and
+data parallel; AdamW with the reference's per-epoch cosine; an atomic checkpoint per epoch of the trainable part."""
 
 from __future__ import annotations
 
@@ -17,8 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader
+from tqdm.auto import tqdm
 
 from .adapters import SPEC_ATTR, adapter_step
 from .files import atomic_write
@@ -35,8 +37,8 @@ class NonFiniteLossError(FloatingPointError):
 def encode_questions(tokenizer: Any, questions: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``[ENC] q... [SEP]`` ids and attention mask, truncated at ``max_tokens`` ([CLS] replaced by [ENC])."""
     enc = tokenizer(list(questions), padding="longest", truncation=True, max_length=max_tokens, return_tensors="pt")
-    return enc["input_ids"].index_fill(1, torch.tensor([0]), tokenizer.convert_tokens_to_ids(ENC_TOKEN)), \
-        enc["attention_mask"]
+    enc["input_ids"][:, 0] = tokenizer.convert_tokens_to_ids(ENC_TOKEN)
+    return enc["input_ids"], enc["attention_mask"]
 
 
 def encode_answers(tokenizer: Any, answers: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, ...]:
@@ -66,17 +68,6 @@ class VQACollator:
         return batch
 
 
-class EpochSampler(list, Sampler[int]):
-    """``range(n)`` shuffled by a permutation of (seed, epoch) alone: the data order survives a resume."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.seed = seed
-        self.set_epoch(0, n)
-
-    def set_epoch(self, epoch: int, n: int | None = None) -> None:
-        self[:] = np.random.default_rng([self.seed, epoch]).permutation(n or len(self)).tolist()
-
-
 def _images(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:  # ViT tokens, after its final norm
     return component_modules(model)["vit"](pixel_values=pixel_values).last_hidden_state
 
@@ -89,12 +80,10 @@ def _jtm(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, image_em
 
 def question_states(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """The JTM output for a batch: precomputed question states, or from image embeddings, or from pixels."""
-    if batch.get("question_states") is not None:
-        return batch["question_states"]
-    image_embeds = batch.get("image_embeds")
-    if image_embeds is None:
-        image_embeds = _images(model, batch["pixel_values"])
-    return _jtm(model, batch["input_ids"], batch["attention_mask"], image_embeds)
+    if (states := batch.get("question_states")) is not None:
+        return states
+    images = batch["image_embeds"] if batch.get("image_embeds") is not None else _images(model, batch["pixel_values"])
+    return _jtm(model, batch["input_ids"], batch["attention_mask"], images)
 
 
 def decoder_logits(model: nn.Module, states: torch.Tensor, question_mask: torch.Tensor,
@@ -131,10 +120,9 @@ class VQALoss(nn.Module):
 
 
 class FrozenFeatures:
-    """One run's precompute, on the CPU: image embeddings of a frozen ViT (per image), question states of a frozen
-    ViT + JTM (per image and question); :meth:`prepare` fills them in no-grad batches before the loop,
-    :meth:`attach` adds them to a batch (computing what is missing: a prompt first drawn later). In eval mode:
-    MISS's frozen parts apply dropout/drop-path (paper: 0.1) each step, as ``use_cache=False`` does."""
+    """One run's precompute, on the CPU: image embeddings of a frozen ViT, question states of a frozen ViT + JTM.
+    :meth:`prepare` fills them before the loop, :meth:`attach` adds them to a batch. Computed once in eval mode;
+    MISS's frozen parts apply dropout and drop-path (paper: 0.1) at every step, as ``use_cache=False`` does."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, profile: Profile, *, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, enabled: bool = True, batch_size: int = 32) -> None:
@@ -153,64 +141,49 @@ class FrozenFeatures:
                 "device": "cpu"}
 
     @torch.no_grad()
-    def prepare(self, dataset: Any, autocast: Callable[[], Any] = nullcontext) -> None:
-        """Compute every entry ``dataset`` asks for now."""
+    def prepare(self, dataset: Any, autocast: Callable[[], Any] = nullcontext, indices: Sequence[int] = ()) -> None:
+        """Compute what ``dataset`` (or its ``indices``) asks for and is not stored yet: no-grad, eval mode."""
         if not self.vit_cached:
             return
+        indices, training = indices or range(len(dataset)), self.model.training
         first: dict[str, int] = {}
-        for i, r in enumerate(dataset.records):
-            first.setdefault(r.img_name, i)
-        self._fill_images(dataset, list(first.values()), autocast)
-        if self.jtm_cached:
-            self._fill_questions([r.img_name for r in dataset.records],
-                                 [dataset.question_text(i) for i in range(len(dataset))], autocast)
-
-    def _run(self, forward: Callable[..., torch.Tensor], autocast: Callable[[], Any], *args: Any) -> torch.Tensor:
-        training = self.model.training
+        for i in indices:
+            first.setdefault(dataset.records[i].img_name, i)
+        todo = [(name, i) for name, i in first.items() if name not in self._images]
+        questions = dict.fromkeys((dataset.records[i].img_name, dataset.question_text(i)) for i in indices)
+        asked = [key for key in questions if key not in self._questions] if self.jtm_cached else []
+        self.computed += len(todo) + len(asked)
         self.model.eval()
         try:
-            with autocast():
-                return forward(self.model, *args).to(self.dtype).cpu()
+            for chunk in (todo[j:j + self.batch_size] for j in range(0, len(todo), self.batch_size)):
+                pixels = torch.stack([dataset.pixels(i) for _, i in chunk]).to(self.device)
+                with autocast():
+                    embeds = _images(self.model, pixels).to(self.dtype).cpu()
+                for (name, _), e in zip(chunk, embeds, strict=True):
+                    self._images[name] = e.clone()  # own storage, not a view of the batch
+            for chunk in (asked[j:j + self.batch_size] for j in range(0, len(asked), self.batch_size)):
+                ids, mask = encode_questions(self.tokenizer, [q for _, q in chunk], self.profile.max_question_tokens)
+                images = torch.stack([self._images[name] for name, _ in chunk]).to(self.device)
+                with autocast():
+                    states = _jtm(self.model, ids.to(self.device), mask.to(self.device), images).to(self.dtype).cpu()
+                for key, s, m in zip(chunk, states, mask, strict=True):
+                    self._questions[key] = s[: int(m.sum())].clone()  # unpadded: padding is rebuilt per batch
         finally:
             self.model.train(training)
-
-    def _fill_images(self, dataset: Any, indices: list[int], autocast: Callable[[], Any]) -> None:
-        todo = [i for i in indices if dataset.records[i].img_name not in self._images]
-        for j in range(0, len(todo), self.batch_size):
-            chunk = todo[j:j + self.batch_size]
-            pixels = torch.stack([dataset.pixels(i) for i in chunk]).to(self.device)
-            emb = self._run(_images, autocast, pixels)
-            for i, e in zip(chunk, emb, strict=True):
-                self._images[dataset.records[i].img_name] = e.clone()  # own storage, not a view of the batch
-            self.computed += len(chunk)
-
-    def _fill_questions(self, names: Sequence[str], questions: Sequence[str], autocast: Callable[[], Any]) -> None:
-        keys = list(dict.fromkeys(k for k in zip(names, questions, strict=True) if k not in self._questions))
-        for j in range(0, len(keys), self.batch_size):
-            chunk = keys[j:j + self.batch_size]
-            ids, mask = encode_questions(self.tokenizer, [q for _, q in chunk], self.profile.max_question_tokens)
-            images = torch.stack([self._images[name] for name, _ in chunk]).to(self.device)
-            states = self._run(_jtm, autocast, ids.to(self.device), mask.to(self.device), images)
-            for key, s, m in zip(chunk, states, mask, strict=True):
-                self._questions[key] = s[: int(m.sum())].clone()  # unpadded: padding is rebuilt per batch
-            self.computed += len(chunk)
 
     @torch.no_grad()
     def attach(self, batch: dict[str, Any], dataset: Any, autocast: Callable[[], Any] = nullcontext) -> dict:
         """Add ``question_states`` or ``image_embeds`` to a collated batch (no-op when nothing is frozen)."""
         if not self.vit_cached:
             return batch
-        device = batch["input_ids"].device
-        missing = [i for i, n in zip(batch["indices"], batch["img_names"], strict=True) if n not in self._images]
-        self._fill_images(dataset, missing, autocast)
+        self.prepare(dataset, autocast, batch["indices"])
+        device, names = batch["input_ids"].device, batch["img_names"]
         if self.jtm_cached:
-            self._fill_questions(batch["img_names"], batch["questions"], autocast)
             length = batch["input_ids"].shape[1]
-            rows = [self._questions[key] for key in zip(batch["img_names"], batch["questions"], strict=True)]
-            batch["question_states"] = torch.stack(
-                [F.pad(s, (0, 0, 0, length - s.shape[0])) for s in rows]).to(device)
+            rows = [self._questions[key] for key in zip(names, batch["questions"], strict=True)]
+            batch["question_states"] = torch.stack([F.pad(s, (0, 0, 0, length - len(s))) for s in rows]).to(device)
         else:
-            batch["image_embeds"] = torch.stack([self._images[n] for n in batch["img_names"]]).to(device)
+            batch["image_embeds"] = torch.stack([self._images[n] for n in names]).to(device)
         return batch
 
 
@@ -236,11 +209,8 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
     return {"peak_bytes": int(getattr(info, "peak_wset", info.rss)), "kind": "process_peak_rss_since_start"}
 
 
-def make_accelerator(grad_accum: int = 1, mixed_precision: str | None = None, cpu: bool | None = None) -> Any:
+def make_accelerator(grad_accum: int = 1, mixed_precision: str | None = None, cpu: bool | None = None) -> Accelerator:
     """An Accelerator: bf16 autocast on CUDA, fp32 on CPU; ``accelerate launch`` settings are honoured."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
-
     cpu = not torch.cuda.is_available() if cpu is None else cpu
     if mixed_precision is None:  # bf16 on a CPU: emulated without AMX/AVX512-BF16 (README, bench: measured)
         mixed_precision = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
@@ -249,64 +219,62 @@ def make_accelerator(grad_accum: int = 1, mixed_precision: str | None = None, cp
                        dataloader_config=DataLoaderConfiguration(split_batches=True))
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """A resume checkpoint: tensors, numbers and lists only, so torch's safe loader reads it."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def _param_groups(model: nn.Module, named: list[tuple[str, nn.Parameter]], lr: float,
+                  method_lr: dict[str, float]) -> list[dict[str, Any]]:
+    """AdamW groups: the base group at ``lr`` (first, maybe empty), then one per method of ``method_lr`` that a
+    component of the model's spec uses, holding that component's trainable parameters."""
+    spec = getattr(model, SPEC_ATTR, None)  # set by apply_spec
+    method_of = {COMPONENTS[c]: m for c, m in (spec.methods if spec else {}).items() if m in method_lr}
+    groups: dict[str | None, list[nn.Parameter]] = {None: [], **{m: [] for m in method_of.values()}}
+    for name, p in named:
+        groups[method_of.get(name.split(".", 1)[0])].append(p)
+    return [{"params": ps, "method": m, "lr": method_lr[m] if m else lr} for m, ps in groups.items()]
 
 
 def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *, out_dir: str | Path | None = None,
-                resume: bool = False, run_key: str = "", accelerator: Any = None, progress: bool = True) -> dict:
-    """Train ``model`` in place on ``dataset`` (a training ``VQADataset``) with ``options`` (a resolved
-    ``RunConfig``); with ``out_dir`` a checkpoint each epoch, ``resume`` continues one of the same ``run_key``.
-    Returns ``history`` (per epoch), ``train_seconds``/``samples`` (this session), ``cache_seconds``,
-    ``resumed_from_epoch``, ``cached`` (:meth:`FrozenFeatures.summary`), ``memory`` (:func:`peak_memory`)."""
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
-    prof = get_profile(options.profile)
+                resume: bool = False, run_key: str = "", accelerator: Accelerator | None = None,
+                progress: bool = True) -> dict:
+    """Train ``model`` in place on a training ``VQADataset`` with ``options`` (a resolved ``RunConfig``); with
+    ``out_dir`` a checkpoint each epoch, which ``resume`` continues if its ``run_key`` is this one. Returns
+    ``history``, ``train_seconds``/``samples`` (this session), ``cache_seconds``, ``resumed_from_epoch``, ``cached``
+    (:meth:`FrozenFeatures.summary`), ``memory`` (:func:`peak_memory`)."""
     acc = accelerator or make_accelerator(options.grad_accum)
-    if options.batch_size % acc.num_processes:
-        raise ValueError(f"batch_size {options.batch_size} must be divisible by the {acc.num_processes} processes")
-    if options.epochs < 1:
-        raise ValueError(f"epochs must be at least 1, got {options.epochs}")
-    if len(dataset) == 0:
-        raise ValueError("no training records")
+    if options.batch_size % acc.num_processes or options.epochs < 1 or not len(dataset):
+        raise ValueError(f"batch_size {options.batch_size} must be divisible by the {acc.num_processes} processes, "
+                         f"epochs ({options.epochs}) at least 1, training records ({len(dataset)}) at least 1")
     set_seed(options.seed)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if options.gradient_checkpointing:
         # non-reentrant: gradients reach adapters inside checkpointed layers even when their inputs are frozen
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the model has no trainable parameters: check the component spec")
-    optimizer = torch.optim.AdamW(_param_groups(model, named, options.lr, options.method_lr or {}),
-                                  lr=options.lr, weight_decay=options.weight_decay,
-                                  foreach=True)  # one kernel per op for all tensors: same numbers, less overhead
+    optimizer = torch.optim.AdamW(_param_groups(model, named, options.lr, options.method_lr or {}), lr=options.lr,
+                                  weight_decay=options.weight_decay, foreach=True)  # foreach: same numbers, faster
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=options.epochs, eta_min=options.min_lr)
-
     model.to(acc.device)
+    prof = get_profile(options.profile)
     features = FrozenFeatures(model, tokenizer, prof, device=acc.device, enabled=options.use_cache,
                               dtype=torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32,
                               batch_size=max(options.batch_size, 32))
-    collator = VQACollator(tokenizer, prof, dataset, need_pixels=not features.vit_cached)
-    sampler = EpochSampler(len(dataset), options.seed)
-    loader = DataLoader(range(len(dataset)), batch_sampler=BatchSampler(sampler, options.batch_size, False),
-                        collate_fn=collator, num_workers=options.num_workers)
+    order = list(range(len(dataset)))  # permuted in place each epoch, by (seed, epoch) alone
+    loader = DataLoader(range(len(order)), batch_sampler=BatchSampler(order, options.batch_size, False),
+                        collate_fn=VQACollator(tokenizer, prof, dataset, need_pixels=not features.vit_cached),
+                        num_workers=options.num_workers)
     step_module, optimizer, loader = acc.prepare(VQALoss(model, options.label_smoothing, options.loss_reduction),
                                                  optimizer, loader)
     result: dict[str, Any] = {"history": [], "resumed_from_epoch": None, "samples": 0}
-    start_epoch = 0
-    ckpt_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
-    if resume and ckpt_path is not None and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        if state.get("run_key") != run_key:
-            raise ValueError(f"{ckpt_path} belongs to another run (identity {state.get('run_key')!r}, this run "
-                             f"{run_key!r}): use another --out or delete it")
-        _load_trainable(named, state["trainable"], ckpt_path)
+    ckpt = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
+    if resume and ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if state["run_key"] != run_key or set(state["trainable"]) != {n for n, _ in named}:
+            raise ValueError(f"{ckpt} belongs to another run (identity {state['run_key']!r}, this run {run_key!r}, "
+                             "or other trainable parameters): use another --out or delete it")
+        model.load_state_dict(state["trainable"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start_epoch = state["epoch"] + 1
         result.update(history=list(state["history"]), resumed_from_epoch=state["epoch"])
+    start_epoch = len(result["history"])
 
     cache_start = time.perf_counter()
     dataset.set_epoch(start_epoch)  # instruction prompts are drawn per epoch
@@ -322,29 +290,27 @@ def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *,
     for epoch in range(start_epoch, options.epochs):
         epoch_start = time.perf_counter()
         lr = {g["method"]: g["lr"] for g in optimizer.param_groups}
-        # all an epoch draws derives from (seed, epoch), so a resumed epoch e is epoch e; the prepared loader gets
-        # the epoch too (its __iter__ re-sets the sampler's to the epochs iterated in THIS process)
-        set_seed(epoch_seed(options.seed, epoch))
-        sampler.set_epoch(epoch)
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
+        # all an epoch draws (order, dropout, prompts) derives from (seed, epoch): a resumed epoch e is epoch e
+        set_seed(int(np.random.SeedSequence([options.seed, epoch]).generate_state(1)[0]))
+        order[:] = np.random.default_rng([options.seed, epoch]).permutation(len(order)).tolist()
         dataset.set_epoch(epoch)
         loss_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
         seen = 0
         for step, batch in enumerate(loader):
             batch = features.attach(batch, dataset, acc.autocast)
-            real, global_real = _real_rows(step, len(dataset), options.batch_size, acc.num_processes,
-                                           acc.process_index, len(batch["indices"]))
+            # rows of a short last batch's padding (even_batches) count neither in the loss nor in the gradient:
+            # process k holds rows [k B/N, (k+1) B/N) of the global batch
+            global_real = min(options.batch_size, len(dataset) - step * options.batch_size)
+            start = acc.process_index * (options.batch_size // acc.num_processes)
+            real = max(0, min(len(batch["indices"]), global_real - start))
             with acc.accumulate(step_module):
                 with acc.autocast():
                     per_answer = step_module(batch)
                     if acc.num_processes == 1:
                         loss = per_answer.mean()  # BLIP: loss.sum() / batch size
-                    else:
-                        # DDP averages the processes' gradients: each contributes its real rows' sum
-                        # * N / (real rows of the global batch), so N processes == one with the global batch
+                    else:  # DDP averages the processes' gradients: N processes == one with the global batch
                         loss = per_answer[:real].sum() * (acc.num_processes / global_real)
-                _check_finite(acc, loss, epoch, step, ckpt_path)
+                _check_finite(acc, loss, epoch, step, ckpt if result["history"] else None)
                 acc.backward(loss)
                 optimizer.step()
                 if adaptive and acc.sync_gradients:  # AdaLoRA reallocates its rank budget after each update
@@ -355,20 +321,19 @@ def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *,
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
         scheduler.step()
-        total = acc.reduce(torch.stack([loss_sum, torch.tensor(float(seen), device=acc.device,
-                                                                 dtype=torch.float64)]), "sum")
+        total = acc.reduce(torch.tensor([loss_sum.item(), seen], device=acc.device, dtype=torch.float64), "sum")
         result["samples"] += int(total[1])
-        entry = {"epoch": epoch + 1, "loss": float(total[0] / total[1]), "lr": lr[None],
-                 **({"method_lr": {m: r for m, r in lr.items() if m}} if len(lr) > 1 else {}),
-                 "seconds": round(time.perf_counter() - epoch_start, 3), "checkpoint_s": 0.0}
+        entry = {"epoch": epoch + 1, "loss": float(total[0] / total[1]), "lr": lr.pop(None),
+                 **({"method_lr": lr} if lr else {}), "seconds": round(time.perf_counter() - epoch_start, 3),
+                 "checkpoint_s": 0.0}
         result["history"].append(entry)
-        if ckpt_path is not None:
+        if ckpt is not None:
             save_start = time.perf_counter()
             if acc.is_main_process:
                 state = {"epoch": epoch, "run_key": run_key, "history": result["history"],
                          "trainable": {n: p.detach().cpu() for n, p in named},
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-                atomic_write(ckpt_path, lambda tmp, state=state: torch.save(state, tmp))
+                atomic_write(ckpt, lambda tmp, state=state: torch.save(state, tmp))
             acc.wait_for_everyone()
             entry["checkpoint_s"] = round(time.perf_counter() - save_start, 3)
     bar.close()
@@ -376,57 +341,17 @@ def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *,
                   cached=features.summary())
     step_module.eval()
     if options.gradient_checkpointing:
-        base.gradient_checkpointing_disable()
+        model.gradient_checkpointing_disable()
     return result
 
 
-def _param_groups(model: nn.Module, named: list[tuple[str, nn.Parameter]], lr: float,
-                  method_lr: dict[str, float]) -> list[dict[str, Any]]:
-    """AdamW groups: the base group at ``lr`` (first, maybe empty), then one per method of ``method_lr`` that a
-    component of the model's spec uses, holding that component's trainable parameters."""
-    spec = getattr(model, SPEC_ATTR, None)  # set by apply_spec
-    method_of = {COMPONENTS[c]: m for c, m in (spec.methods if spec else {}).items() if m in method_lr}
-    groups: dict[str | None, list[nn.Parameter]] = {None: [], **{m: [] for m in method_of.values()}}
-    for name, p in named:
-        groups[method_of.get(name.split(".", 1)[0])].append(p)
-    return [{"params": ps, "method": m, "lr": method_lr[m] if m else lr} for m, ps in groups.items()]
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The seed of one epoch's randomness (dropout, anything drawn from the global RNGs): a function of both."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-
-
-def _real_rows(step: int, n: int, batch_size: int, num_processes: int, process_index: int,
-               local_rows: int) -> tuple[int, int]:
-    """(real rows of this process's slice, of the global batch) at ``step``: process k takes rows [k B/N, (k+1) B/N);
-    a short last batch is padded (even_batches) with rows that count neither in the loss nor the gradient."""
-    global_real = min(batch_size, n - step * batch_size)
-    start = process_index * (batch_size // num_processes)
-    return max(0, min(local_rows, global_real - start)), global_real
-
-
-def _check_finite(acc: Any, loss: torch.Tensor, epoch: int, step: int, ckpt_path: Path | None) -> None:
+def _check_finite(acc: Accelerator, loss: torch.Tensor, epoch: int, step: int, ckpt: Path | None) -> None:
+    """Stop on a NaN/inf loss; ``ckpt``: the checkpoint of the previous epoch, if one was written."""
     bad = (~torch.isfinite(loss.detach())).float()
     if acc.num_processes > 1:
         bad = acc.reduce(bad, "sum")  # every process stops together instead of hanging in an all-reduce
     if bad.item() > 0:
-        if ckpt_path is not None and ckpt_path.exists():
-            good = load_checkpoint(ckpt_path)["epoch"] + 1
-            kept = f"the last good checkpoint (epoch {good}) is kept at {ckpt_path}"
-        else:
-            kept = "no checkpoint was written yet"
+        kept = f"the last good checkpoint (epoch {epoch}) is kept at {ckpt}" if ckpt else "no checkpoint was written"
         raise NonFiniteLossError(
             f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1}: training stopped; "
             f"{kept}. Lower the learning rate or check the data; --resume continues from the checkpoint.")
-
-
-def _load_trainable(named: list[tuple[str, nn.Parameter]], state: dict[str, torch.Tensor], source: Path) -> None:
-    missing, unexpected = sorted({n for n, _ in named} - set(state)), sorted(set(state) - {n for n, _ in named})
-    if missing or unexpected:
-        raise ValueError(f"{source} does not match the model's trainable parameters: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
-    with torch.no_grad():
-        for name, p in named:
-            p.copy_(state[name].to(p.device, p.dtype))
-

@@ -25,7 +25,6 @@ from mile_utils.train import (
     VQALoss,
     encode_answers,
     encode_questions,
-    load_checkpoint,
     make_accelerator,
     peak_memory,
     reset_peak_memory,
@@ -154,7 +153,7 @@ def test_trainable_only_in_optimizer_and_checkpoint(tokenizer, tmp_path):
     options = RunConfig(epochs=2, batch_size=8, lr=1e-3, min_lr=0.0).resolved()
     result = train_model(model, tokenizer, make_dataset(16), options, out_dir=tmp_path, run_key="k",
                          accelerator=make_accelerator(), progress=False)
-    state = load_checkpoint(tmp_path / CHECKPOINT_NAME)  # torch's safe loader (weights_only=True) reads it
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)  # torch's safe loader reads it
     assert set(state["trainable"]) == trainable and all(".lora_" in n for n in trainable)
     assert len(state["optimizer"]["param_groups"][0]["params"]) == len(trainable)
     assert state["epoch"] == 1 and state["run_key"] == "k" and state["scheduler"]["last_epoch"] == 2
@@ -182,7 +181,7 @@ def test_method_lr_trains_a_method_at_its_rate(tokenizer, tmp_path):
     options = RunConfig(spec="T/T/ia3", epochs=2, batch_size=8).resolved()
     result = train_model(model, tokenizer, make_dataset(16), options, out_dir=tmp_path, accelerator=make_accelerator(),
                          progress=False)
-    state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
     names = list(state["trainable"])
     base, group = state["optimizer"]["param_groups"]
     assert (base["initial_lr"], group["initial_lr"], group["method"]) == (TINY.lr, rate, "ia3")
@@ -209,7 +208,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tokenizer, tmp_path, monk
     with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 1.*last good checkpoint \(epoch 1\)"):
         train_model(model, tokenizer, make_dataset(16), options, out_dir=tmp_path, accelerator=make_accelerator(),
                     progress=False)
-    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["epoch"] == 0
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["epoch"] == 0
 
 
 def test_decoder_ignores_question_padding(tokenizer):
