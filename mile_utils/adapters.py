@@ -262,9 +262,8 @@ def count_parameters(model: nn.Module, spec: AdapterSpec | str | None = None) ->
 
 def parameter_report(spec: AdapterSpec | str, profile: str | Profile = "paper") -> dict[str, Any]:
     """:func:`count_parameters` for ``spec`` on a ``profile`` model built on the meta device (no weights)."""
-    spec = AdapterSpec.parse(spec)
     model = apply_spec(build_model(profile, device="meta"), spec)
-    return {"spec": str(spec), "profile": get_profile(profile).name, **count_parameters(model)}
+    return {"spec": str(getattr(model, SPEC_ATTR)), "profile": get_profile(profile).name, **count_parameters(model)}
 
 
 def _trainable_state(model: nn.Module, spec: AdapterSpec) -> dict[str, torch.Tensor]:
@@ -300,10 +299,9 @@ def load_adapters(model: nn.Module, spec: AdapterSpec | str | None, directory: s
     """Load what :func:`save_adapters` wrote into ``model`` (base weights already loaded; a plain model gets
     the saved spec applied first) and return it; ``spec``, if given, must be the saved one. The file must hold
     exactly the model's trainable tensors; peft components load with peft's ``set_peft_model_state_dict``."""
-    root = Path(directory)
-    spec_path, path = root / SPEC_FILE, root / WEIGHTS_FILE
+    spec_path, path = Path(directory) / SPEC_FILE, Path(directory) / WEIGHTS_FILE
     if not spec_path.is_file() or not path.is_file():
-        raise FileNotFoundError(f"{root}: expected {SPEC_FILE} and {WEIGHTS_FILE} (written by save_adapters)")
+        raise FileNotFoundError(f"{directory}: expected {SPEC_FILE} and {WEIGHTS_FILE} (written by save_adapters)")
     saved = AdapterSpec.from_dict(json.loads(spec_path.read_text(encoding="utf-8")))
     carried = getattr(model, SPEC_ATTR, None)
     if (spec is not None and AdapterSpec.parse(spec) != saved) or carried not in (None, saved):

@@ -107,9 +107,8 @@ def _load_pickle(path: Path) -> Any:
     inert placeholders. Non-zip (pre-1.6) files go to torch's ``weights_only`` reader, which refuses them."""
     if not zipfile.is_zipfile(path):
         return torch.load(path, map_location="cpu", weights_only=True)
-    # torch reads the archive and its tensors; the pickle in it goes through our restricted unpickler, so no code
-    # from the file runs (tests/test_checkpoints.py). weights_only=False only because torch takes a pickle_module
-    # with it alone, and its own weights_only reader refuses the ruamel configs inside MILE's checkpoints
+    # torch reads the archive and tensors, our unpickler the pickle: no code from the file runs. weights_only=False
+    # only as torch takes a pickle_module with it alone (its own reader refuses the ruamel configs in MILE's files)
     return torch.load(path, map_location="cpu", weights_only=False, pickle_module=types.SimpleNamespace(
         Unpickler=_Unpickler, __name__="mile_utils.checkpoints"))
 

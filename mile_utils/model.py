@@ -26,19 +26,6 @@ BLIP_SPECIAL_IDS = {"[PAD]": 0, "[CLS]": 101, "[SEP]": 102, DEC_TOKEN: 30522, EN
 HUB_TIMEOUT_S = 10  # one look at the hub; its client would otherwise retry for minutes when offline
 
 
-def _tiny_tokenizer() -> Tokenizer:
-    """The tiny profile's BERT-uncased WordPiece tokenizer, built offline, the same on every machine: every printable
-    ASCII character is a word start and a ``##`` continuation (no English text maps to [UNK]), whole medical-VQA
-    words follow (most questions are a few tokens long), then [DEC] and [ENC]."""
-    text = resources.files("mile_utils.reference").joinpath("tiny_vocab_words.txt").read_text(encoding="utf-8")
-    chars = [chr(c) for c in range(33, 127) if not chr(c).isupper()]
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars if c.isalnum())]
-    words += [w.strip().lower() for w in text.splitlines() if w.strip() and not w.startswith("#")]
-    vocab = {w: i for i, w in enumerate(dict.fromkeys([*words, DEC_TOKEN, ENC_TOKEN]))}
-    return BertTokenizerFast(vocab=vocab, bos_token=DEC_TOKEN, additional_special_tokens=[ENC_TOKEN],
-                             model_max_length=512)
-
-
 def check_blip_tokenizer(tokenizer: Tokenizer, source: str) -> Tokenizer:
     """Raise unless ``tokenizer`` is bert-base-uncased + [DEC] + [ENC] (transformers builds a 5-word one from none)."""
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in BLIP_SPECIAL_IDS}
@@ -74,12 +61,20 @@ def load_local_first(load: Callable[..., Any], source: str, what: str, error: ty
 
 
 def build_tokenizer(profile: str | Profile = "tiny", path: str | Path | None = None) -> Tokenizer:
-    """The tokenizer for ``profile``: ``tiny``'s built-in one, or for ``paper`` BERT-base-uncased + [DEC]/[ENC]
-    from ``path``, a local folder (bert-base-uncased or BLIP VQA snapshot) or hub id (default bert-base-uncased),
-    local files first; checked by :func:`check_blip_tokenizer`."""
+    """The tokenizer for ``profile``. ``tiny``: a BERT-uncased WordPiece one built offline, the same on every machine:
+    every printable ASCII character is a word start and a ``##`` continuation (no English text maps to [UNK]),
+    whole medical-VQA words follow (most questions are a few tokens long), then [DEC] and [ENC]. ``paper``:
+    BERT-base-uncased + [DEC]/[ENC] from ``path``, a local folder (bert-base-uncased or BLIP VQA snapshot) or hub id
+    (default bert-base-uncased), local files first; checked by :func:`check_blip_tokenizer`."""
     prof = get_profile(profile)
     if path is None and prof.vocab_size is None:
-        return _tiny_tokenizer()
+        text = resources.files("mile_utils.reference").joinpath("tiny_vocab_words.txt").read_text(encoding="utf-8")
+        chars = [chr(c) for c in range(33, 127) if not chr(c).isupper()]
+        words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars if c.isalnum())]
+        words += [w.strip().lower() for w in text.splitlines() if w.strip() and not w.startswith("#")]
+        vocab = {w: i for i, w in enumerate(dict.fromkeys([*words, DEC_TOKEN, ENC_TOKEN]))}
+        return BertTokenizerFast(vocab=vocab, bos_token=DEC_TOKEN, additional_special_tokens=[ENC_TOKEN],
+                                 model_max_length=512)
 
     def load(src: str, **kwargs: Any) -> Tokenizer:
         tokenizer = BertTokenizerFast.from_pretrained(src, **kwargs)
