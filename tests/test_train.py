@@ -189,6 +189,10 @@ def test_method_lr_trains_a_method_at_its_rate(tokenizer, tmp_path):
     assert all("ia3_" in names[i] for i in group["params"]) and len(base["params"]) + len(group["params"]) == len(names)
     assert [h["method_lr"]["ia3"] for h in result["history"]] == pytest.approx(
         [cosine_lr(e, 2, rate, TINY.min_lr) for e in range(2)])
+    again = train_model(make_model(tokenizer, "T/T/ia3"), tokenizer, make_dataset(16), options, out_dir=tmp_path,
+                        resume=True, accelerator=make_accelerator(), progress=False)  # restores the same groups
+    assert again["resumed_from_epoch"] == 1 and [h["loss"] for h in again["history"]] == [
+        h["loss"] for h in result["history"]]
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tokenizer, tmp_path, monkeypatch):
