@@ -37,8 +37,8 @@ class Profile:
     max_answer_length: int = 10
     min_answer_length: int = 1
     # initial lr of a method's adapter parameters, as (method, lr) pairs (frozen, hashable); the rest train at
-    # ``lr``. Tiny: IA3, P-tuning v2, ... on frozen components barely move at 1e-3 (issue 10's sweep of F/x/x).
-    # Paper: none, the reference trains every part at one rate.
+    # ``lr``. Tiny: the methods whose loss barely moves at 1e-3 get the rate of lowest training loss in a sweep
+    # of F/x/x (results/lr-sweep-tiny.json); the paper profile trains every part at one rate, as the reference.
     method_lr: tuple[tuple[str, float], ...] = ()
 
 
@@ -51,7 +51,7 @@ TINY = Profile(
     name="tiny", image_size=64, patch_size=8, vit_hidden=128, vit_layers=2, vit_heads=4, vit_mlp=256,
     text_hidden=128, text_layers=2, text_heads=4, text_mlp=256, max_positions=128, vocab_size=None,
     batch_size=32, lr=1e-3, min_lr=1e-5, weight_decay=0.05, epochs=3, max_question_tokens=35, max_answer_tokens=10,
-    method_lr=(("ia3", 3e-2), ("ptv2", 3e-2), ("vera", 3e-2)))
+    method_lr=tuple((m, 3e-2) for m in ("ia3", "ptv2", "vera", "adalora", "loha", "lokr", "ln")))
 PROFILES: dict[str, Profile] = {p.name: p for p in (TINY, PAPER)}
 
 
