@@ -14,7 +14,6 @@ import types
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,31 +49,6 @@ _NOTED += [("text_config", f) for f in ("pad_token_id", "bos_token_id", "sep_tok
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message names the file and keys."""
-
-
-@dataclass
-class LoadReport:
-    """What :func:`load_weights` loaded, and from what."""
-
-    source: str
-    kind: str  # "blip" (original names, converted), "huggingface", "safetensors" or "state_dict"
-    loaded: int = 0  # tensors copied into the model
-    dropped: dict[str, str] = field(default_factory=dict)  # checkpoint keys dropped on purpose -> reason
-    interpolated: tuple[int, int] | None = None  # ViT grid positions before -> after
-    notes: list[str] = field(default_factory=list)  # config differences kept from the model
-
-
-def _interpolate_pos_embed(pos_embed: Tensor, num_patches: int) -> Tensor:
-    """ViT position embeddings ``(1, 1 + g*g, D)`` resized to ``num_patches`` positions as BLIP does (cls kept,
-    grid bicubic with ``align_corners=False``): lets 224/384 px checkpoints start a 480 px model."""
-    old = pos_embed.shape[-2] - 1
-    old_side, new_side = math.isqrt(old), math.isqrt(num_patches)
-    if old_side * old_side != old or new_side * new_side != num_patches:
-        raise CheckpointError(f"position embeddings of shape {tuple(pos_embed.shape)} do not form a square grid "
-                              f"of patches (+1 cls) that can be resized to {num_patches} patches")
-    grid = pos_embed[:, 1:].float().reshape(1, old_side, old_side, -1).permute(0, 3, 1, 2)  # bicubic needs fp32
-    grid = torch.nn.functional.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
-    return torch.cat((pos_embed[:, :1], grid.permute(0, 2, 3, 1).flatten(1, 2).to(pos_embed.dtype)), dim=1)
 
 
 class _Inert:
@@ -140,7 +114,7 @@ def check_keys(source: str, expected: Mapping[str, Tensor], given: Mapping[str, 
         raise CheckpointError("\n".join([f"{source} does not match the model:", *lists]))
 
 
-def _from_pretrained(model: torch.nn.Module, source: str, report: LoadReport) -> dict[str, Tensor]:
+def _from_pretrained(model: torch.nn.Module, source: str, notes: list[str]) -> dict[str, Tensor]:
     """The state dict of a Hugging Face BLIP VQA folder or hub id, its config checked against the model's."""
     load = functools.partial(BlipForQuestionAnswering.from_pretrained, output_loading_info=True)
     try:
@@ -151,7 +125,7 @@ def _from_pretrained(model: torch.nn.Module, source: str, report: LoadReport) ->
     for part, name in _MUST_MATCH + _NOTED:
         theirs, ours = (getattr(getattr(m.config, part), name, None) for m in (pretrained, model))
         if theirs != ours and (part, name) in _NOTED:
-            report.notes.append(f"{part}.{name} differs (checkpoint {theirs}, model {ours}): the model's is kept")
+            notes.append(f"{part}.{name} differs (checkpoint {theirs}, model {ours}): the model's is kept")
         elif theirs != ours:
             raise CheckpointError(f"{source}: its configuration does not match the model's: {part}.{name}: "
                                   f"checkpoint {theirs!r}, model {ours!r}")
@@ -159,37 +133,49 @@ def _from_pretrained(model: torch.nn.Module, source: str, report: LoadReport) ->
     return {k: v for k, v in pretrained.state_dict().items() if k not in info["missing_keys"]}
 
 
-def load_weights(model: torch.nn.Module, source: str | os.PathLike[str] | Mapping[str, Tensor]) -> LoadReport:
+def load_weights(model: torch.nn.Module, source: str | os.PathLike[str] | Mapping[str, Tensor]) -> dict[str, Any]:
     """Load ``source`` into ``model`` (a plain ``BlipForQuestionAnswering``, in place) and say what was done.
     ``source``: an original BLIP/MISS pickle (a bare state dict or under ``model``), a ``.safetensors`` file, a
     Hugging Face BLIP VQA folder (as ``save_pretrained`` writes), a hub id such as ``Salesforce/blip-vqa-base``
     (local cache first; offline it fails in seconds), or a state dict in memory. Every model key must be filled
-    and every checkpoint key used, with the model's shapes, or :class:`CheckpointError` lists the differences."""
+    and every checkpoint key used, with the model's shapes, or :class:`CheckpointError` lists the differences.
+    Returns ``kind`` ("blip": original names converted, "huggingface", "safetensors", "state_dict"), ``loaded``
+    (tensors), ``dropped`` (key -> why), ``interpolated`` (ViT grid positions before, after) and ``notes``
+    (config differences, the model's kept)."""
     src = "<state dict>" if isinstance(source, Mapping) else os.fspath(source)
-    path, report = Path(src).expanduser(), LoadReport(source=src, kind="state_dict")
+    path = Path(src).expanduser()
+    report: dict[str, Any] = {"source": src, "kind": "state_dict", "dropped": {}, "interpolated": None, "notes": []}
     if isinstance(source, Mapping):
         sd = _state_dict_in(source, src)
     elif path.is_file():  # .safetensors, else a pickle (.pth, .pt, .bin, .ckpt...)
-        report.kind, what = (("safetensors", "safetensors file") if path.suffix == ".safetensors"
-                             else ("state_dict", "PyTorch checkpoint"))
+        report["kind"], what = (("safetensors", "safetensors file") if path.suffix == ".safetensors"
+                                else ("state_dict", "PyTorch checkpoint"))
         try:
-            obj = load_file(path) if report.kind == "safetensors" else _load_pickle(path)
+            obj = load_file(path) if report["kind"] == "safetensors" else _load_pickle(path)
         except Exception as err:  # corrupt bytes surface as almost any error inside a reader
             raise CheckpointError(f"{path}: not a readable {what} (corrupt, truncated or another format): "
                                   + f"{type(err).__name__}: {err}".splitlines()[0]) from err
         sd = _state_dict_in(obj, src)
     elif path.is_dir() or (not path.suffix and src.count("/") <= 1 and not src.startswith((".", "/", "~"))):
-        sd, report.kind = _from_pretrained(model, src, report), "huggingface"
+        sd, report["kind"] = _from_pretrained(model, src, report["notes"]), "huggingface"
     else:
         raise CheckpointError(f"{src}: no such checkpoint file or folder (and not a hub id like owner/name)")
     if any(k.startswith("visual_encoder.") for k in sd):  # original BLIP/MISS names: convert
-        report.kind, report.dropped = "blip", {k: why for k in sd for p, why in _DROPS if p.match(k)}
+        report["kind"], report["dropped"] = "blip", {k: why for k in sd for p, why in _DROPS if p.match(k)}
         sd = {next((p.sub(r, k) for p, r in _RENAMES if p.match(k)), k): v for k, v in sd.items()
-              if k not in report.dropped}
+              if k not in report["dropped"]}
     patches = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
-    if POS_KEY in sd and sd[POS_KEY].shape[-2] - 1 != patches:  # another image size: resize the ViT positions
-        report.interpolated = (sd[POS_KEY].shape[-2] - 1, patches)
-        sd[POS_KEY] = _interpolate_pos_embed(sd[POS_KEY], patches)
+    if POS_KEY in sd and (old := sd[POS_KEY].shape[-2] - 1) != patches:
+        # another image size (224/384 px checkpoints, a 480 px model): resize the ViT positions as BLIP does,
+        # cls kept, the grid bicubic (in fp32) with align_corners=False
+        old_side, new_side, pos = math.isqrt(old), math.isqrt(patches), sd[POS_KEY]
+        if old_side * old_side != old or new_side * new_side != patches:
+            raise CheckpointError(f"{src}: position embeddings of shape {tuple(pos.shape)} do not form a square "
+                                  f"grid of patches (+1 cls) that can be resized to {patches} patches")
+        grid = pos[:, 1:].float().reshape(1, old_side, old_side, -1).permute(0, 3, 1, 2)
+        grid = torch.nn.functional.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
+        sd[POS_KEY] = torch.cat((pos[:, :1], grid.permute(0, 2, 3, 1).flatten(1, 2).to(pos.dtype)), dim=1)
+        report["interpolated"] = (old, patches)
     for pair in model.all_tied_weights_keys.items():  # one tensor, two names (the decoder's output = embeddings)
         present = [sd[n] for n in pair if n in sd]
         if len(present) == 2 and (present[0].shape != present[1].shape or not torch.equal(*present)):
@@ -199,5 +185,4 @@ def load_weights(model: torch.nn.Module, source: str | os.PathLike[str] | Mappin
     target = model.state_dict()
     check_keys(src, target, sd)
     model.load_state_dict(sd)
-    report.loaded = len(target)
-    return report
+    return {**report, "loaded": len(target)}
