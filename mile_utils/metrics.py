@@ -21,8 +21,7 @@ def normalize_answer(text: Any) -> str:
 
 
 def _accuracy(flags: Sequence[bool], z: float = 1.959963984540054) -> dict[str, Any]:
-    """Accuracy with its Wilson 95 % score interval (sane at 0 % and 100 %, unlike p +- z*se). Written out:
-    scipy's ``proportion_ci(method="wilson")`` rounds the last digit differently."""
+    """Accuracy with its Wilson 95 % interval (sane at 0 and 100 %); scipy's rounds the last digit differently."""
     n, c = len(flags), int(sum(flags))
     if n == 0:
         return {"accuracy": None, "n": 0, "correct": 0, "ci_low": 0.0, "ci_high": 100.0}
@@ -33,7 +32,7 @@ def _accuracy(flags: Sequence[bool], z: float = 1.959963984540054) -> dict[str, 
 
 
 def _token_scores(pred: str, gold: str) -> tuple[float, ...]:
-    """Token precision, recall, F1 and BLEU-1 of one normalised answer pair (fractions)."""
+    """Token precision, recall, F1 and BLEU-1 (fractions)."""
     p_tok, g_tok = pred.split(), gold.split()
     if not g_tok or not p_tok:
         return (float(not p_tok and not g_tok),) * 4
@@ -60,11 +59,9 @@ def _yes_no_prf(gold: list[str], pred: list[str]) -> dict[str, Any]:
 
 def compute_metrics(predictions: Mapping[Any, Any] | Iterable[Mapping[str, Any]], records: Sequence[Any], *,
                     missing: str = "error") -> dict[str, Any]:
-    """All metrics of ``predictions`` (qid -> answer, or rows with ``qid`` and ``prediction``) on ``records``
-    (with ``qid, answer, answer_type, content_type`` attributes); qids compare as strings. A prediction for an
-    unknown qid is an error; so is a record without one, unless ``missing="wrong"`` (counted wrong, listed under
-    ``missing``). Returns ``open/closed/global``, ``yes_no``, ``closed_prf`` (yes positive, confusion matrix),
-    ``open_tokens`` (mean token P/R/F1, BLEU-1 over OPEN questions), ``content_types``."""
+    """Metrics of ``predictions`` (qid -> answer, or rows with ``qid`` and ``prediction``) on ``records``; qids
+    compare as strings. An unknown qid is an error; so is a record without a prediction, unless
+    ``missing="wrong"`` (counted wrong). ``open_tokens``: mean token P/R/F1 and BLEU-1 over OPEN questions."""
     if missing not in ("error", "wrong"):
         raise ValueError(f"missing={missing!r}: expected 'error' or 'wrong'")
     rows = [{"qid": k, "prediction": v} for k, v in predictions.items()] if isinstance(predictions, Mapping) \
@@ -75,11 +72,10 @@ def compute_metrics(predictions: Mapping[Any, Any] | Iterable[Mapping[str, Any]]
             raise ValueError(f"prediction {i}: expected a mapping with 'qid' and 'prediction', each qid predicted "
                              f"once; got {row!r}")
         preds[str(row["qid"])] = "" if row["prediction"] is None else str(row["prediction"])
-    gold_by_qid: dict[str, Any] = {}
-    for rec in records:
-        if str(rec.qid) in gold_by_qid:
-            raise ValueError(f"records: qid {str(rec.qid)!r} appears twice; metrics match by qid")
-        gold_by_qid[str(rec.qid)] = rec
+    gold_by_qid = {str(rec.qid): rec for rec in records}
+    if len(gold_by_qid) < len(records):
+        twice = [q for q, n in Counter(str(rec.qid) for rec in records).items() if n > 1]
+        raise ValueError(f"records: qid {twice[0]!r} appears twice; metrics match by qid")
     unknown, absent = [q for q in preds if q not in gold_by_qid], [q for q in gold_by_qid if q not in preds]
     if unknown:
         raise ValueError(f"{len(unknown)} prediction(s) for qids not in the records, e.g. {unknown[:5]}")
@@ -113,15 +109,15 @@ def _most_common(answers: Iterable[str]) -> str:
 
 
 def majority_baseline(train: Sequence[Any], test: Sequence[Any]) -> dict[str, Any]:
-    """Metrics (and ``predictions``) of answering every test question with the most frequent training answer."""
+    """Metrics (and ``predictions``) of always giving the most frequent training answer."""
     answer = _most_common(normalize_answer(r.answer) for r in train)
     preds = {r.qid: answer for r in test}
     return {"baseline": "majority", "prediction": answer, "predictions": preds, **compute_metrics(preds, test)}
 
 
 def question_only_baseline(train: Sequence[Any], test: Sequence[Any]) -> dict[str, Any]:
-    """Metrics of the most frequent training answer to the same (normalised) question text, else the overall
-    majority: an upper bound on what the question text alone gives here."""
+    """Metrics of the most frequent training answer to the same question text, else the overall majority: an
+    upper bound on what the question text alone gives here."""
     per_question: dict[str, list[str]] = defaultdict(list)
     for r in train:
         per_question[normalize_answer(r.question)].append(normalize_answer(r.answer))
@@ -132,9 +128,8 @@ def question_only_baseline(train: Sequence[Any], test: Sequence[Any]) -> dict[st
 
 
 def mcnemar(a_correct: Mapping[Any, bool], b_correct: Mapping[Any, bool]) -> dict[str, Any]:
-    """Exact McNemar test of two systems on the same questions (``qid -> right?`` each, a dict or pd.Series):
-    ``b`` questions only A answers right, ``c`` only B; ``p`` is the two-sided binomial test of b out of b + c at
-    1/2, exact at every count (1.0 when no question separates them)."""
+    """Exact McNemar test of two systems (``qid -> right?``, a dict or pd.Series): ``b`` questions only A answers
+    right, ``c`` only B; ``p`` the two-sided binomial test of b of b + c at 1/2 (1.0 when b + c = 0)."""
     from scipy.stats import binomtest
 
     if set(a_correct.keys()) != set(b_correct.keys()):

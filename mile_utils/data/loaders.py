@@ -1,6 +1,5 @@
-"""Every dataset source read into plain lists of :class:`~mile_utils.data.records.Record`, bad records kept out
-with errors that name file, position, qid and field. Local copies only, unless the Hugging Face hub is asked for
-(``--hub`` / ``hub=True``): offline, nothing waits on the network."""
+"""Every dataset source read into lists of :class:`~mile_utils.data.records.Record`; bad records raise errors
+naming file, position, qid and field. The network only with ``--hub`` / ``hub=True``: offline, nothing waits."""
 
 from __future__ import annotations
 
@@ -30,7 +29,7 @@ OSF_PHRASES = {"freeform": "train", "para": "train", "test_freeform": "test", "t
 
 
 def _field_problem(raw: Mapping[str, Any], names: Mapping[str, str]) -> tuple[str, str] | None:
-    """(field as the file names it, what is wrong) of one raw record's text fields, or None when they are usable."""
+    """(field as the file names it, what is wrong), or None when the record's text fields are usable."""
     for name in ("img_name", "question", "answer", "qid"):
         value = raw.get(name)
         # a null reads as None from parquet and NaN from json: a bad record, never the answer "nan"
@@ -45,9 +44,8 @@ def _field_problem(raw: Mapping[str, Any], names: Mapping[str, str]) -> tuple[st
 
 def _collect(rows: Iterable[Mapping[str, Any]], key: str, split: str, source: str, skip_bad: bool, verify: bool,
              lang: str | None) -> tuple[list[Record], list[dict[str, Any]]]:
-    """Records and problems (file, index = position in the file, qid, field, message) of raw rows in SLAKE's field
-    names, each with its ``file``, ``index`` and maybe ``bad`` (a problem the reader found). A repeated qid is bad:
-    predictions are matched by qid. Each image is checked once (SLAKE asks ~10 questions per image)."""
+    """Records and problems of raw rows in SLAKE's field names, each with its ``file``, ``index`` (position in the
+    file) and maybe ``bad`` (found by the reader). A repeated qid is bad: predictions are matched by qid."""
     records: list[Record] = []
     problems: list[dict[str, Any]] = []
     checked: dict[tuple[Any, str], str] = {}
@@ -64,7 +62,7 @@ def _collect(rows: Iterable[Mapping[str, Any]], key: str, split: str, source: st
                 content_type=str(raw.get("content_type") or "unknown").strip(), image_root=raw.get("image_root"),
                 q_lang=str(raw.get("q_lang") or "en"), prompts=tuple(raw.get("prompts") or ()),
                 image_bytes=raw.get("image_bytes"))
-            if (key := (rec.image_root, rec.img_name)) not in checked:
+            if (key := (rec.image_root, rec.img_name)) not in checked:  # SLAKE asks ~10 questions per image
                 try:
                     rec.load_image(verify)
                     checked[key] = ""
@@ -96,7 +94,6 @@ def _collect(rows: Iterable[Mapping[str, Any]], key: str, split: str, source: st
 
 
 def _read_json_list(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSON list, each with its ``file`` and ``index`` (position in the file)."""
     if not path.is_file():
         raise FileNotFoundError(f"dataset file {path} not found (--root / root=, --path / path=)")
     try:
@@ -123,13 +120,11 @@ def _slake(root: Path, split: str, lang: str | None, images: Path | None = None)
     being the ``Slake1.0`` folder or one above it. ``lang="en"`` keeps English questions (``q_lang``)."""
     if not (root / "train.json").is_file() and (root / "Slake1.0").is_dir():
         root = root / "Slake1.0"
-    # filtered by language, yet each record keeps its position in the file
     return [{**raw, "image_root": str(images or root / "imgs")} for raw in _read_json_list(_split_file(root, split))
             if lang is None or "bad" in raw or str(raw.get("q_lang") or "en") == lang]
 
 
 def _hub(key: str, repo_id: str, split: str, lang: str | None) -> list[dict[str, Any]]:
-    """SLAKE or VQA-RAD as the hub ships them, downloaded once into huggingface_hub's cache."""
     try:
         snap = Path(snapshot_download(repo_id, repo_type="dataset",
                                       allow_patterns=["*.parquet"] if key == "vqa-rad" else None))
@@ -151,7 +146,7 @@ def _hub(key: str, repo_id: str, split: str, lang: str | None) -> list[dict[str,
 
 
 def _parquet_split(file: Path) -> str | None:
-    """The split a hub parquet file holds, from its name (``test-00000-of-00001.parquet``) or folder."""
+    """The split of a hub parquet file, from its name (``test-00000-of-00001.parquet``) or folder."""
     return next((s for s in ("train", "test", "validation") if file.name.startswith(f"{s}-")
                  or file.stem == s or file.parent.name == s), None)
 
@@ -260,22 +255,18 @@ def _load(dataset: str, split: str, *, root: str | Path | None = None, path: str
 
 def load_records(dataset: str = "synthetic", split: str = "train", **kwargs: Any) -> list[Record]:
     """Records of one split (train, validation alias val/valid/validate/dev, test) of ``dataset``: ``synthetic``
-    (generated and cached; ``size``, ``seed``; ``root`` overrides the cache folder), ``slake`` (``root`` = the
-    ``Slake1.0`` folder; ``lang`` keeps one language, None all), ``vqa-rad`` (``path`` = the OSF json or a hub
-    parquet file/folder, or ``root`` = a folder with either; train/test only) or ``instruction`` (``path`` = a MILE
-    instruction JSON, or ``root`` with ``<split>.json``; images under ``root``, default next to the file).
-    ``hub=True`` (or a hub id) downloads SLAKE or VQA-RAD from the Hugging Face hub.
-
-    Bad records raise ValueError/FileNotFoundError naming file, position, qid and field; ``skip_bad=True`` (CLI
-    ``--skip-bad``) drops them with a warning listing them. Image files must exist; ``verify_images=True`` also
-    decodes each image once."""
+    (``size``, ``seed``; ``root`` overrides the cache folder), ``slake`` (``root`` = the ``Slake1.0`` folder;
+    ``lang`` keeps one language, None all), ``vqa-rad`` (``path`` = the OSF json or a hub parquet file/folder, or
+    ``root`` = a folder with either; train/test only) or ``instruction`` (``path`` = a MILE instruction JSON, or
+    ``root`` with ``<split>.json``; images under ``root``, default next to the file). ``hub=True`` (or a hub id)
+    downloads SLAKE or VQA-RAD. ``skip_bad=True`` drops bad records with a warning; ``verify_images=True``
+    decodes each image once (else image files need only exist)."""
     return _load(dataset, split, **kwargs)[0]
 
 
 def summarize_dataset(dataset: str = "synthetic", split: str = "train", **kwargs: Any) -> dict[str, Any]:
-    """Counts of one split (``load_records``'s arguments), every image decoded once to prove it readable:
-    ``records, images, open, closed, yes_no, answers, content_types``, and how many records were skipped
-    (``skip_bad=True``) with the first ten of them."""
+    """Counts of one split (``load_records``'s arguments), every image decoded once to prove it readable, and the
+    records skipped (``skip_bad=True``), the first ten listed."""
     good, problems, source, key = _load(dataset, split, **{**kwargs, "verify_images": True})
     return {"dataset": key, "split": good[0].split, "source": source, "records": len(good),
             "images": len({r.img_name for r in good}), "open": sum(r.answer_type == "OPEN" for r in good),

@@ -1,8 +1,7 @@
-"""The built-in ``synthetic`` Med-VQA set: brain MRI slices from real anatomy (the MNI152 template and tissue maps
-``nilearn`` ships) in T1 or a T2-like contrast, with 0-2 lesions of random side, size and intensity; questions in
-SLAKE's mould, answers balanced within each question text (a question-only model stays near chance). Each image has
-its own seed ``(seed, index)``, so a bigger set holds the smaller ones' images. The ``pretraining`` variant (the tiny
-stand-in's data) has the same scans and draws but never asks the :data:`UNASKED` forms."""
+"""The built-in ``synthetic`` Med-VQA set: brain MRI slices from real anatomy (nilearn's MNI152 template and tissue
+maps) in T1 or a T2-like contrast, with 0-2 lesions; questions in SLAKE's mould, answers balanced within each
+question text (a question-only model stays near chance). Each image has its own seed ``(seed, index)``, so a bigger
+set holds the smaller ones' images. The ``pretraining`` variant (tiny stand-in data) never asks :data:`UNASKED`."""
 
 from __future__ import annotations
 
@@ -39,14 +38,11 @@ COLOR = {"bright": "white", "dark": "black"}
 P_VIEW_FAMILY = 0.67  # chance that each plane/modality question family is asked (keeps them from dominating)
 P_LESION_FAMILY = 0.7  # chance that each lesion-only question family is asked about a lesion image
 
-
-# ---------------------------------------------------------------- anatomy
 @lru_cache(maxsize=1)
 def _volumes() -> dict[str, np.ndarray]:
-    """T1 template, grey and white matter maps at 1 mm, as float32 in [0, 1]; read from nilearn's wheel."""
-    import nibabel as nib  # nilearn's dependency; importing nibabel alone avoids nilearn's slow import
-
-    # a missing file (a nilearn older than 0.10) raises FileNotFoundError naming it
+    """T1 template, grey and white matter maps at 1 mm in [0, 1], from nilearn's wheel (a missing file, nilearn
+    < 0.10, raises FileNotFoundError naming it); nibabel alone avoids nilearn's slow import."""
+    import nibabel as nib
     folder = Path(importlib.util.find_spec("nilearn").origin).parent / "datasets" / "data"
     return {key: np.asarray(nib.load(folder / f"mni_icbm152_{key}_tal_nlin_sym_09a_converted.nii.gz").dataobj,
                             dtype=np.float32) / 255.0 for key in ("t1", "gm", "wm")}
@@ -62,12 +58,9 @@ def _slice(plane: str, index: int, modality: str) -> np.ndarray:
     brain = (t1 > 0.02).astype(np.float32)
     return np.clip(0.95 * np.clip(brain - gm - wm, 0.0, 1.0) + 0.55 * gm + 0.28 * wm, 0.0, 1.0) * brain
 
-
-# ---------------------------------------------------------------- images
 def _render(index: int, seed: int) -> tuple[dict[str, Any], np.ndarray]:
-    """Draw one image's ground truth (``meta.json``'s fields) and pixels from its own generator."""
+    """One image's ground truth (``meta.json``'s fields) and pixels, from its own generator."""
     from scipy import ndimage
-
     rng = np.random.default_rng([seed, index, GENERATOR_VERSION])
     # drawn in this order (left to right); half the images are normal
     plane, modality, count = PLANES[int(rng.integers(3))], MODALITIES[int(rng.integers(2))], (0, 0, 1, 2)[
@@ -119,7 +112,6 @@ def _place_lesions(rng: np.random.Generator, brain: np.ndarray, count: int, size
                    side: str | None, midline_col: float) -> list[tuple[float, float, float]] | None:
     """Lesion centres well inside the brain, on the patient's ``side`` (image right = patient left)."""
     from scipy import ndimage
-
     if count == 0:
         return []
     depth, (rr, cc) = ndimage.distance_transform_edt(brain), np.ogrid[0 : brain.shape[0], 0 : brain.shape[1]]
@@ -136,8 +128,6 @@ def _place_lesions(rng: np.random.Generator, brain: np.ndarray, count: int, size
         placed.append((float(row), float(col), radius))
     return placed
 
-
-# ---------------------------------------------------------------- questions
 # One row per question family: group, content type, kind, fact, templates ("|" between them). Kinds: open (the
 # answer is the fact), ask (yes/no naming the true value or a wrong one, p = 1/2 each), pair ("a or b", order
 # shuffled), check (yes/no; each template names, after "=", the fact's value that makes the answer yes).
@@ -183,7 +173,6 @@ def _questions(scan: dict[str, Any], seed: int, variant: str = "") -> list[tuple
 
     def pick(options: list[str]) -> str:  # a single option costs no draw
         return options[int(rng.integers(len(options)))] if len(options) > 1 else options[0]
-
     count, side, intensity = scan["count"], scan["side"], scan["intensity"]
     facts = {"plane": scan["plane"], "modality": scan["modality"], "kind": scan["kind"], "count": str(count),
              "abnormal": "abnormal" if count else "normal", "multiple": "yes" if count > 1 else "no",
@@ -212,8 +201,6 @@ def _questions(scan: dict[str, Any], seed: int, variant: str = "") -> list[tuple
             out.append((question, answer, "OPEN" if kind == "open" else "CLOSED", content_type))
     return out
 
-
-# ---------------------------------------------------------------- the set on disk
 def parse_size(size: int | str | None) -> tuple[int, str]:
     """(images, variant): ``None``/``"full"`` -> 700, ``"small"`` -> 160, or a number (at least 6); the
     variant ``""`` (the chapters' set) or ``"pretraining"`` (``"pretraining"`` = 700 images, ``"pretraining:N"``)."""
@@ -227,13 +214,11 @@ def parse_size(size: int | str | None) -> tuple[int, str]:
 
 
 def default_cache_dir() -> Path:
-    """``$MILE_DATA_DIR`` if set, else ``~/.cache/mile_book``."""
     return Path(os.environ.get("MILE_DATA_DIR") or Path.home() / ".cache" / "mile_book").expanduser()
 
 
 def _write(out: Path, n_images: int, variant: str, seed: int) -> None:
-    """Write the set into the empty folder ``out``: SLAKE's layout plus ``meta.json`` (ground truth per image) and
-    ``manifest.json`` (counts, SHA-256 per file)."""
+    """SLAKE's layout plus ``meta.json`` (ground truth per image) and ``manifest.json`` (counts, SHA-256 per file)."""
     (out / "imgs").mkdir()
     # whole images go to one split (70 / 15 / 15 %), so no image is shared between train and test
     order = np.random.default_rng([seed, n_images, GENERATOR_VERSION, 2]).permutation(n_images)
@@ -267,8 +252,7 @@ def _write(out: Path, n_images: int, variant: str, seed: int) -> None:
 
 def synthetic_dir(size: int | str | None = None, seed: int = 0, cache_dir: str | Path | None = None) -> Path:
     """The set's folder under ``cache_dir`` (default ``$MILE_DATA_DIR``, else ``~/.cache/mile_book``), named by a
-    hash of generator version, size, variant and seed; generated first if needed, in a temporary sibling renamed
-    into place: an interrupted or concurrent run leaves no half-written set."""
+    hash of its settings; generated first if needed, atomically (no half-written set)."""
     n_images, variant = parse_size(size)
     base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     spec = json.dumps({"version": GENERATOR_VERSION, "n_images": n_images, "seed": seed,
