@@ -31,8 +31,7 @@ def _add_fields(p: argparse.ArgumentParser, cls: type, *only: str) -> None:
         if f.name == "spec" or (only and f.name not in only):
             continue
         kinds = [t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None)]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        kw: dict = {"default": default, "help": f.metadata.get("help"), "dest": f.name}
+        kw: dict = {"default": f.default, "help": f.metadata.get("help"), "dest": f.name}
         if kinds == [bool]:
             kw["action"] = argparse.BooleanOptionalAction
         else:

@@ -1,7 +1,6 @@
 """Run one configuration end to end (data -> model -> spec -> train -> evaluate -> results.json), or a grid.
-:class:`RunConfig` describes a run (the CLI's flags are generated from it). A finished run is recognised by its
-identity: its settings, and its data, starting weights and tokenizer by content, never by path (a moved runs folder
-is reused as is)."""
+:class:`RunConfig` describes a run and generates the CLI's flags. A finished run is recognised by its identity: its
+settings, and its data, starting weights and tokenizer by content, never by path (a moved runs folder is reused)."""
 
 from __future__ import annotations
 
@@ -11,6 +10,7 @@ import os
 import platform
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -137,7 +137,6 @@ class RunConfig:
         return run_identity(cfg, *_load_data(cfg))["key"]
 
 
-# --------------------------------------------------------------------------------------------- identity
 @lru_cache(maxsize=256)
 def _file_digest(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a changed file is read again
     h = hashlib.sha256()
@@ -184,7 +183,6 @@ def run_identity(cfg: RunConfig, train_records: Sequence[Any], eval_records: Seq
     return {"key": hashlib.sha256(text.encode()).hexdigest()[:16], **parts}
 
 
-# --------------------------------------------------------------------------------------------- one experiment
 def load_results(out: str | Path) -> dict[str, Any] | None:
     """The ``results.json`` of a run folder (``config.out`` set to where it lies now), or None if unfinished."""
     path = Path(out) / RESULTS_NAME
@@ -243,12 +241,10 @@ def run_experiment(config: RunConfig, resume: bool = False, *, skip_finished: bo
         return done  # found wherever the folder lies now, even read-only
     try:  # fail before any training if out cannot hold the results (not after an hour of GPU time)
         out.mkdir(parents=True, exist_ok=True)
-        (probe := out / f".write-test-{os.getpid()}").write_text("ok", encoding="utf-8")
-        probe.unlink()
+        tempfile.TemporaryFile(dir=out).close()
     except OSError as err:
         raise PermissionError(f"output directory {out} is not writable ({err.strerror or err}): "
                               "choose another --out") from err
-
     if "adalora" in cfg.spec.methods.values():  # its rank budget schedule spans the run's optimiser steps
         steps = cfg.epochs * -(-len(train_records) // cfg.batch_size) // cfg.grad_accum
         cfg.spec = replace(cfg.spec, total_step=max(1, steps))
@@ -288,7 +284,6 @@ def run_experiment(config: RunConfig, resume: bool = False, *, skip_finished: bo
     return load_results(out)  # type: ignore[return-value]
 
 
-# ------------------------------------------------------------------------------------------------------ grids
 def results_row(results: dict[str, Any]) -> dict[str, Any]:
     """One flat table row of a run's results (what the grid table and the book's comparisons show)."""
     cfg, m, p, spec = results["config"], results["metrics"], results["params"], results["config"]["spec"]
@@ -352,7 +347,6 @@ def paper_grid(base: RunConfig | None = None, *, table: int | None = None, inclu
     return configs
 
 
-# ------------------------------------------------------------------------------------ finished runs as models
 def trained_model(config: RunConfig) -> tuple[Any, Any]:
     """Tokenizer and model of a finished run: its initial weights, its spec, then its trained weights."""
     cfg = config.resolved()
@@ -371,12 +365,10 @@ def export_model(config: RunConfig, dest: str | Path) -> Path:
 
 def pretrained_stand_in(runs_dir: str | Path, *, seed: int = 0, data_seed: int = 0, size: str | int = "full",
                         progress: bool = True) -> str:
-    """The tiny chapters' stand-in for pretrained MISS (a frozen random ViT would say nothing about freezing): the
-    tiny model fully trained (T/T/T, 3 epochs, batch 16) on the built-in set's ``pretraining`` variant, shifted as
-    MISS's pretraining data are from SLAKE: other scans and questions (seed ``data_seed + 1``), the open questions on
-    abnormality, modality, colour and position never asked (``synthetic.UNASKED``). A named ``size`` takes its
-    700 images, a number as many. Trained once in ``runs_dir/tiny-pretrained``; returns the exported model's folder,
-    named by the run's identity (a moved runs folder is found again)."""
+    """The tiny chapters' stand-in for pretrained MISS (a frozen random ViT would say nothing about freezing): T/T/T
+    trained once in ``runs_dir/tiny-pretrained`` on the built-in set's ``pretraining`` variant, shifted as MISS's
+    pretraining data are from SLAKE (other scans and questions, some open question families never asked; a named
+    ``size`` takes its 700 images). Returns the exported model's folder, named by the run's identity."""
     root = Path(runs_dir) / "tiny-pretrained"
     images = "full" if str(size) in ("small", "full") else size
     cfg = RunConfig(profile="tiny", dataset="synthetic", spec="T/T/T", size=f"pretraining:{images}", seed=seed,

@@ -12,7 +12,6 @@ from pathlib import Path
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -27,7 +26,6 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) 
 
 
 def write_json(path: str | os.PathLike[str], obj: object) -> Path:
-    """Write ``obj`` as indented JSON, atomically."""
     text = json.dumps(obj, indent=2, default=str) + "\n"
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 

@@ -7,8 +7,6 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Profile:
-    """One model size and the training defaults that go with it (the reference's for ``paper``)."""
-
     name: str
     image_size: int
     patch_size: int

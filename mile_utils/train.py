@@ -1,7 +1,6 @@
-"""The one training loop, for every component spec. The forward runs by components as in BLIP/MISS: ViT -> JTM
-(question tokens cross-attending to the image) -> decoder (answer tokens cross-attending to the question states).
-Frozen components run once per run (:class:`FrozenFeatures`); Accelerate does device, bf16 on GPU, accumulation and
-data parallel; AdamW with the reference's per-epoch cosine; an atomic checkpoint per epoch of the trainable part."""
+"""The one training loop, for every component spec, run by components as BLIP/MISS: ViT -> JTM (question attending
+to the image) -> decoder (answer attending to the question). Frozen components run once per run; Accelerate does
+device, bf16, accumulation and data parallel; AdamW, per-epoch cosine, an atomic checkpoint of the trainable part."""
 
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader
 from tqdm.auto import tqdm
 
-from .adapters import SPEC_ATTR, adapter_step
+from .adapters import adapter_step
 from .files import atomic_write
 from .model import COMPONENTS, ENC_TOKEN, component_modules
 from .profiles import Profile, get_profile
@@ -99,11 +98,7 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: flo
     target = labels[:, 1:]
     tok = F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), target.reshape(-1), ignore_index=-100,
                           label_smoothing=label_smoothing, reduction="none").view(target.shape)
-    if reduction == "sum":
-        return tok.sum(1)
-    if reduction == "mean":
-        return tok.sum(1) / (target != -100).sum(1).clamp(min=1)
-    raise ValueError(f"loss reduction {reduction!r}: expected 'sum' (BLIP) or 'mean'")
+    return tok.sum(1) if reduction == "sum" else tok.sum(1) / (target != -100).sum(1).clamp(min=1)
 
 
 class VQALoss(nn.Module):
@@ -120,9 +115,8 @@ class VQALoss(nn.Module):
 
 
 class FrozenFeatures:
-    """One run's precompute, on the CPU: image embeddings of a frozen ViT, question states of a frozen ViT + JTM.
-    :meth:`prepare` fills them before the loop, :meth:`attach` adds them to a batch. Computed once in eval mode;
-    MISS's frozen parts apply dropout and drop-path (paper: 0.1) at every step, as ``use_cache=False`` does."""
+    """One run's precompute, on the CPU: image embeddings of a frozen ViT, question states of a frozen ViT + JTM,
+    computed once in eval mode (MISS's frozen parts apply dropout and drop-path at every step: ``use_cache=False``)."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, profile: Profile, *, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, enabled: bool = True, batch_size: int = 32) -> None:
@@ -137,8 +131,7 @@ class FrozenFeatures:
 
     def summary(self) -> dict[str, Any]:
         size = sum(t.numel() * t.element_size() for t in [*self._images.values(), *self._questions.values()])
-        return {"vit": self.vit_cached, "jtm": self.jtm_cached, "entries_computed": self.computed, "bytes": size,
-                "device": "cpu"}
+        return {"vit": self.vit_cached, "jtm": self.jtm_cached, "entries_computed": self.computed, "bytes": size}
 
     @torch.no_grad()
     def prepare(self, dataset: Any, autocast: Callable[[], Any] = nullcontext, indices: Sequence[int] = ()) -> None:
@@ -219,25 +212,12 @@ def make_accelerator(grad_accum: int = 1, mixed_precision: str | None = None, cp
                        dataloader_config=DataLoaderConfiguration(split_batches=True))
 
 
-def _param_groups(model: nn.Module, named: list[tuple[str, nn.Parameter]], lr: float,
-                  method_lr: dict[str, float]) -> list[dict[str, Any]]:
-    """AdamW groups: the base group at ``lr`` (first, maybe empty), then one per method of ``method_lr`` that a
-    component of the model's spec uses, holding that component's trainable parameters."""
-    spec = getattr(model, SPEC_ATTR, None)  # set by apply_spec
-    method_of = {COMPONENTS[c]: m for c, m in (spec.methods if spec else {}).items() if m in method_lr}
-    groups: dict[str | None, list[nn.Parameter]] = {None: [], **{m: [] for m in method_of.values()}}
-    for name, p in named:
-        groups[method_of.get(name.split(".", 1)[0])].append(p)
-    return [{"params": ps, "method": m, "lr": method_lr[m] if m else lr} for m, ps in groups.items()]
-
-
 def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *, out_dir: str | Path | None = None,
                 resume: bool = False, run_key: str = "", accelerator: Accelerator | None = None,
                 progress: bool = True) -> dict:
-    """Train ``model`` in place on a training ``VQADataset`` with ``options`` (a resolved ``RunConfig``); with
-    ``out_dir`` a checkpoint each epoch, which ``resume`` continues if its ``run_key`` is this one. Returns
-    ``history``, ``train_seconds``/``samples`` (this session), ``cache_seconds``, ``resumed_from_epoch``, ``cached``
-    (:meth:`FrozenFeatures.summary`), ``memory`` (:func:`peak_memory`)."""
+    """Train ``model`` in place with ``options`` (a resolved ``RunConfig``); with ``out_dir`` a checkpoint each
+    epoch, which ``resume`` continues if its ``run_key`` is this one. ``train_seconds`` and ``samples``: this
+    session; ``cached``: :meth:`FrozenFeatures.summary`; ``memory``: :func:`peak_memory`."""
     acc = accelerator or make_accelerator(options.grad_accum)
     if options.batch_size % acc.num_processes or options.epochs < 1 or not len(dataset):
         raise ValueError(f"batch_size {options.batch_size} must be divisible by the {acc.num_processes} processes, "
@@ -249,8 +229,15 @@ def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *,
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the model has no trainable parameters: check the component spec")
-    optimizer = torch.optim.AdamW(_param_groups(model, named, options.lr, options.method_lr or {}), lr=options.lr,
-                                  weight_decay=options.weight_decay, foreach=True)  # foreach: same numbers, faster
+    # AdamW groups: the base rate (first, maybe empty), then one per method of method_lr with its components' part
+    method_lr = options.method_lr or {}
+    method_of = {COMPONENTS[c]: m for c, m in options.spec.methods.items() if m in method_lr}
+    groups: dict[str | None, list[nn.Parameter]] = {None: [], **{m: [] for m in method_of.values()}}
+    for name, p in named:
+        groups[method_of.get(name.split(".", 1)[0])].append(p)
+    optimizer = torch.optim.AdamW([{"params": ps, "method": m, "lr": method_lr[m] if m else options.lr}
+                                   for m, ps in groups.items()], lr=options.lr, weight_decay=options.weight_decay,
+                                  foreach=True)  # foreach: same numbers, faster
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=options.epochs, eta_min=options.min_lr)
     model.to(acc.device)
     prof = get_profile(options.profile)
@@ -275,7 +262,6 @@ def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *,
         scheduler.load_state_dict(state["scheduler"])
         result.update(history=list(state["history"]), resumed_from_epoch=state["epoch"])
     start_epoch = len(result["history"])
-
     cache_start = time.perf_counter()
     dataset.set_epoch(start_epoch)  # instruction prompts are drawn per epoch
     features.prepare(dataset, acc.autocast)
@@ -310,7 +296,13 @@ def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *,
                         loss = per_answer.mean()  # BLIP: loss.sum() / batch size
                     else:  # DDP averages the processes' gradients: N processes == one with the global batch
                         loss = per_answer[:real].sum() * (acc.num_processes / global_real)
-                _check_finite(acc, loss, epoch, step, ckpt if result["history"] else None)
+                # every process stops together on a NaN/inf loss, instead of hanging in an all-reduce
+                if acc.reduce((~torch.isfinite(loss.detach())).float(), "sum").item() > 0:
+                    kept = (f"the last good checkpoint (epoch {epoch}) is kept at {ckpt}" if ckpt and result["history"]
+                            else "no checkpoint was written")
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1}: training stopped; "
+                        f"{kept}. Lower the learning rate or check the data; --resume continues from the checkpoint.")
                 acc.backward(loss)
                 optimizer.step()
                 if adaptive and acc.sync_gradients:  # AdaLoRA reallocates its rank budget after each update
@@ -344,14 +336,3 @@ def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *,
         model.gradient_checkpointing_disable()
     return result
 
-
-def _check_finite(acc: Accelerator, loss: torch.Tensor, epoch: int, step: int, ckpt: Path | None) -> None:
-    """Stop on a NaN/inf loss; ``ckpt``: the checkpoint of the previous epoch, if one was written."""
-    bad = (~torch.isfinite(loss.detach())).float()
-    if acc.num_processes > 1:
-        bad = acc.reduce(bad, "sum")  # every process stops together instead of hanging in an all-reduce
-    if bad.item() > 0:
-        kept = f"the last good checkpoint (epoch {epoch}) is kept at {ckpt}" if ckpt else "no checkpoint was written"
-        raise NonFiniteLossError(
-            f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1}: training stopped; "
-            f"{kept}. Lower the learning rate or check the data; --resume continues from the checkpoint.")

@@ -37,7 +37,7 @@ def test_results_json_schema(finished):
     assert results["timing"]["wall_s"] > 0 and results["timing"]["train_samples_per_s"] > 0
     memory = results["memory"]  # the training loop's own peak; the frozen ViT's precompute counted apart
     assert memory["peak_bytes"] > 0 and memory["kind"] == "process_peak_rss_of_run"
-    assert memory["cache_bytes"] == results["cache"]["bytes"] > 0 and results["cache"]["device"] == "cpu"
+    assert memory["cache_bytes"] == results["cache"]["bytes"] > 0
     assert set(results["identity"]) == {"key", "data", "checkpoint", "tokenizer"}
     assert str(Path(out).parent) not in json.dumps(results["identity"])  # no path in the identity
     env = results["environment"]

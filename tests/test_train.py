@@ -163,7 +163,7 @@ def test_trainable_only_in_optimizer_and_checkpoint(tokenizer, tmp_path):
             assert torch.equal(p, frozen_before[n]), n
     history = result["history"]
     assert result["cached"]["jtm"] and history[-1]["loss"] < history[0]["loss"]
-    assert result["memory"]["peak_bytes"] > 0 and result["cached"]["device"] == "cpu"
+    assert result["memory"]["peak_bytes"] > 0 and result["cached"]["bytes"] > 0
 
 
 def test_method_lr_trains_a_method_at_its_rate(tokenizer, tmp_path):
