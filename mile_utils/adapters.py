@@ -1,11 +1,9 @@
 """Component-wise PEFT of MISS/BLIP VQA: one spec says, for the ViT, the JTM and the decoder, F/T/or a method.
-lora, ia3, prefix (10 virtual tokens, peft's projection MLP), ptv2: the reference study's settings; the newer
-methods: peft's defaults on the LoRA targets, VeRA and OFT on their Linears only (peft's VeRA has no Conv2d,
-peft 0.21's OFT Conv2d is no identity at init). peft's tuners adapt each component in place: the model stays a
-``BlipForQuestionAnswering`` (components callable alone, ``generate`` works). Prefixes are peft's
+lora, ia3, prefix, ptv2: the reference study's settings; the newer methods: peft's defaults on the LoRA targets,
+VeRA and OFT on Linears only (peft's VeRA has no Conv2d, peft 0.21's OFT Conv2d is no identity at init). peft's
+tuners adapt each component in place: the model stays a ``BlipForQuestionAnswering``. Prefixes are peft's
 ``PrefixEncoder``, whose keys/values we prepend in every self-attention of the component (peft injects them only
-for a whole model); ``jtm_prefix_noop`` reproduces the reference's JTM prefix, which never acted. Load base
-weights before :func:`apply_spec`."""
+for a whole model). Load base weights before :func:`apply_spec`."""
 
 from __future__ import annotations
 
@@ -134,10 +132,10 @@ def _peft_config(spec: AdapterSpec, comp: str, component: nn.Module) -> peft.Pef
 
 def _prefix_attention(self: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       encoder_hidden_states: None = None, cache: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``BlipTextSelfAttention.forward`` (eager: additive mask) with the component's P prefix keys/values prepended.
-    peft views the encoder output (P, layers*2*hidden) as (P, layers*2, heads, head_dim), slot 2i = layer i's
-    keys, 2i+1 its values: we compute this layer's slice only. It joins AFTER the KV-cache update (the cache never
-    stores it), with P visible mask columns on the left, expanded to the batch at hand (beam search's too)."""
+    """``BlipTextSelfAttention.forward`` (eager: additive mask) with the component's P prefix keys/values prepended:
+    peft's encoder output (P, layers*2*hidden) is (P, layers*2, heads, head_dim), slot 2i = layer i's keys, 2i+1
+    its values (we compute this layer's slice only). It joins after the KV-cache update (the cache never stores it),
+    with P visible mask columns on the left, expanded to the batch at hand (beam search's too)."""
     shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
     query, key, value = (f(hidden_states).view(shape).transpose(1, 2) for f in (self.query, self.key, self.value))
     if cache is not None:  # the decoder's EncoderDecoderCache, or the JTM's own
@@ -195,8 +193,7 @@ def _quantize_4bit(component: nn.Module, comp: str) -> None:
 
 def apply_spec(model: nn.Module, spec: AdapterSpec | str, *, seed: int | None = None) -> nn.Module:
     """Freeze ``model``, then make each component trainable, adapt it, or leave it frozen; returns ``model``.
-    ``seed`` seeds the adapters' initialisation (the global RNG is restored after); on the meta device peft
-    creates the adapter weights there too (parameter accounting without memory)."""
+    ``seed`` seeds the adapters' initialisation (the global RNG is restored after)."""
     spec = AdapterSpec.parse(spec)
     if getattr(model, SPEC_ATTR, None) is not None:
         raise ValueError(f"model already carries adapter spec {getattr(model, SPEC_ATTR)}; build a fresh model")
@@ -236,7 +233,6 @@ def adapter_step(model: nn.Module, step: int) -> None:
 
 
 def _carried(model: nn.Module, spec: AdapterSpec | str | None, what: str) -> AdapterSpec:
-    """The spec ``model`` carries (set by :func:`apply_spec`); ``spec``, if given, must be it."""
     carried = getattr(model, SPEC_ATTR, None)
     if carried is None or (spec is not None and AdapterSpec.parse(spec) != carried):
         raise ValueError(f"{what}: the model carries spec {carried}, not {spec}; call apply_spec first")
@@ -256,8 +252,7 @@ def count_parameters(model: nn.Module, spec: AdapterSpec | str | None = None) ->
         n_trainable, n_total = count(getattr(model, COMPONENTS[comp]))
         components[comp] = {"method": method, "trainable": n_trainable, "total": n_total,
                             "adapter": 0 if method in ("F", "T") else n_trainable}
-    return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / total if total else 0.0,
-            "components": components}
+    return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / total, "components": components}
 
 
 def parameter_report(spec: AdapterSpec | str, profile: str | Profile = "paper") -> dict[str, Any]:
@@ -267,8 +262,7 @@ def parameter_report(spec: AdapterSpec | str, profile: str | Profile = "paper") 
 
 
 def _trainable_state(model: nn.Module, spec: AdapterSpec) -> dict[str, torch.Tensor]:
-    """``<comp>.<key>`` -> the trainable tensors: peft's state dict (keys without adapter name) for peft tuners,
-    else the trainable parameters by name."""
+    """``<comp>.<key>`` -> the trainable tensors (peft's state dict for peft tuners)."""
     state: dict[str, torch.Tensor] = {}
     for comp, method in spec.methods.items():
         component = getattr(model, COMPONENTS[comp])
@@ -296,9 +290,8 @@ def save_adapters(model: nn.Module, spec: AdapterSpec | str | None, directory: s
 
 
 def load_adapters(model: nn.Module, spec: AdapterSpec | str | None, directory: str | Path) -> nn.Module:
-    """Load what :func:`save_adapters` wrote into ``model`` (base weights already loaded; a plain model gets
-    the saved spec applied first) and return it; ``spec``, if given, must be the saved one. The file must hold
-    exactly the model's trainable tensors; peft components load with peft's ``set_peft_model_state_dict``."""
+    """Load what :func:`save_adapters` wrote into ``model`` (base weights already loaded; a plain model gets the
+    saved spec applied first) and return it; ``spec``, if given, must be the saved one."""
     spec_path, path = Path(directory) / SPEC_FILE, Path(directory) / WEIGHTS_FILE
     if not spec_path.is_file() or not path.is_file():
         raise FileNotFoundError(f"{directory}: expected {SPEC_FILE} and {WEIGHTS_FILE} (written by save_adapters)")

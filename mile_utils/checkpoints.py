@@ -93,15 +93,14 @@ def _state_dict_in(obj: Any, where: str) -> dict[str, Tensor]:
         obj = next((obj[w] for w in ("model", "state_dict") if isinstance(obj.get(w), Mapping)), obj)
     bad = ([f"{k!r}: {type(v).__name__}" for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, Tensor))]
            if isinstance(obj, Mapping) else [f"a {type(obj).__name__}"])
-    if bad or not obj:
+    if bad or not obj:  # the first few, enough to recognise the file
         raise CheckpointError(f"{where}: expected a state dict (name -> tensor), bare or under 'model'; got "
-                              + (", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "") or "{}"))
+                              + (", ".join(bad[:5]) or "{}"))
     return dict(obj)
 
 
 def check_keys(source: str, expected: Mapping[str, Tensor], given: Mapping[str, Tensor]) -> None:
-    """Raise :class:`CheckpointError` listing the keys of ``expected`` missing from ``given``, those of ``given``
-    not expected, and the shapes that differ (the first 20 of each, the rest counted)."""
+    """Raise :class:`CheckpointError` listing missing and unexpected keys and other shapes (the first 20 of each)."""
     missing, unexpected = [k for k in expected if k not in given], [k for k in given if k not in expected]
     shapes = [f"{k}: {tuple(given[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
               if k in given and given[k].shape != v.shape]
@@ -114,34 +113,13 @@ def check_keys(source: str, expected: Mapping[str, Tensor], given: Mapping[str, 
         raise CheckpointError("\n".join([f"{source} does not match the model:", *lists]))
 
 
-def _from_pretrained(model: torch.nn.Module, source: str, notes: list[str]) -> dict[str, Tensor]:
-    """The state dict of a Hugging Face BLIP VQA folder or hub id, its config checked against the model's."""
-    load = functools.partial(BlipForQuestionAnswering.from_pretrained, output_loading_info=True)
-    try:
-        pretrained, info = load_local_first(load, source, "BLIP VQA weights (--checkpoint)", CheckpointError)
-    except OSError as err:  # a folder without weights, a config of another model type...
-        raise CheckpointError(f"{source}: not a loadable Hugging Face BLIP VQA folder (config.json and "
-                              f"model.safetensors, as save_pretrained writes): {err}") from err
-    for part, name in _MUST_MATCH + _NOTED:
-        theirs, ours = (getattr(getattr(m.config, part), name, None) for m in (pretrained, model))
-        if theirs != ours and (part, name) in _NOTED:
-            notes.append(f"{part}.{name} differs (checkpoint {theirs}, model {ours}): the model's is kept")
-        elif theirs != ours:
-            raise CheckpointError(f"{source}: its configuration does not match the model's: {part}.{name}: "
-                                  f"checkpoint {theirs!r}, model {ours!r}")
-    # keys from_pretrained had to initialise at random count as missing (listed by check_keys)
-    return {k: v for k, v in pretrained.state_dict().items() if k not in info["missing_keys"]}
-
-
 def load_weights(model: torch.nn.Module, source: str | os.PathLike[str] | Mapping[str, Tensor]) -> dict[str, Any]:
-    """Load ``source`` into ``model`` (a plain ``BlipForQuestionAnswering``, in place) and say what was done.
-    ``source``: an original BLIP/MISS pickle (a bare state dict or under ``model``), a ``.safetensors`` file, a
-    Hugging Face BLIP VQA folder (as ``save_pretrained`` writes), a hub id such as ``Salesforce/blip-vqa-base``
-    (local cache first; offline it fails in seconds), or a state dict in memory. Every model key must be filled
-    and every checkpoint key used, with the model's shapes, or :class:`CheckpointError` lists the differences.
-    Returns ``kind`` ("blip": original names converted, "huggingface", "safetensors", "state_dict"), ``loaded``
-    (tensors), ``dropped`` (key -> why), ``interpolated`` (ViT grid positions before, after) and ``notes``
-    (config differences, the model's kept)."""
+    """Load ``source`` into ``model`` (a plain ``BlipForQuestionAnswering``, in place): an original BLIP/MISS pickle
+    (a bare state dict or under ``model``), a ``.safetensors`` file, a Hugging Face BLIP VQA folder or hub id (local
+    cache first; offline it fails in seconds), or a state dict. Every model key must be filled and every checkpoint
+    key used, with the model's shapes, or :class:`CheckpointError` lists the differences. Returns ``kind`` ("blip":
+    original names converted, "huggingface", "safetensors", "state_dict"), ``loaded`` (tensors), ``dropped`` (key ->
+    why), ``interpolated`` (ViT grid positions before, after), ``notes`` (config differences, the model's kept)."""
     src = "<state dict>" if isinstance(source, Mapping) else os.fspath(source)
     path = Path(src).expanduser()
     report: dict[str, Any] = {"source": src, "kind": "state_dict", "dropped": {}, "interpolated": None, "notes": []}
@@ -157,7 +135,22 @@ def load_weights(model: torch.nn.Module, source: str | os.PathLike[str] | Mappin
                                   + f"{type(err).__name__}: {err}".splitlines()[0]) from err
         sd = _state_dict_in(obj, src)
     elif path.is_dir() or (not path.suffix and src.count("/") <= 1 and not src.startswith((".", "/", "~"))):
-        sd, report["kind"] = _from_pretrained(model, src, report["notes"]), "huggingface"
+        report["kind"] = "huggingface"  # a BLIP VQA folder or hub id: its config checked against the model's
+        load = functools.partial(BlipForQuestionAnswering.from_pretrained, output_loading_info=True)
+        try:
+            pretrained, info = load_local_first(load, src, "BLIP VQA weights (--checkpoint)", CheckpointError)
+        except OSError as err:  # a folder without weights, a config of another model type...
+            raise CheckpointError(f"{src}: not a loadable Hugging Face BLIP VQA folder (config.json and "
+                                  f"model.safetensors, as save_pretrained writes): {err}") from err
+        for part, name in _MUST_MATCH + _NOTED:
+            theirs, ours = (getattr(getattr(m.config, part), name, None) for m in (pretrained, model))
+            if theirs != ours and (part, name) in _NOTED:
+                report["notes"].append(f"{part}.{name} differs (checkpoint {theirs}, model {ours}): the model's kept")
+            elif theirs != ours:
+                raise CheckpointError(f"{src}: its configuration does not match the model's: {part}.{name}: "
+                                      f"checkpoint {theirs!r}, model {ours!r}")
+        # keys from_pretrained had to initialise at random count as missing (listed by check_keys)
+        sd = {k: v for k, v in pretrained.state_dict().items() if k not in info["missing_keys"]}
     else:
         raise CheckpointError(f"{src}: no such checkpoint file or folder (and not a hub id like owner/name)")
     if any(k.startswith("visual_encoder.") for k in sd):  # original BLIP/MISS names: convert

@@ -1,11 +1,10 @@
-"""One evaluation path for every method: beam-search generation (the reference's) or BLIP's answer ranking, from
-the question states of :func:`mile_utils.train.question_states` (frozen parts precomputed), to
-``predictions.jsonl`` and the metrics of :mod:`mile_utils.metrics`. Generation is MISS's (MILE
-``models/mile_vqa.py``, transformers 4.26: 3 beams, ``max_length`` 10 counting [DEC], ``min_length`` 1, [SEP]
-ends) but for (1) the question mask: MISS passes all ones to ``generate`` (beams attend to question padding), we
-pass the real mask, as training does (``reference_quirk=True``: all ones); (2) a beam cut at ``max_length`` is
-normalised by 9 tokens here, 10 there (transformers 5 counts generated tokens with [SEP], 4.26 the hypothesis with
-[DEC]); answers ending in [SEP] score the same."""
+"""One evaluation path for every method: beam-search generation (the reference's) or BLIP's answer ranking, to
+``predictions.jsonl`` and the metrics. Generation is MISS's (MILE ``models/mile_vqa.py``, transformers 4.26: 3
+beams, ``max_length`` 10 counting [DEC], ``min_length`` 1, [SEP] ends) but for (1) the question mask: MISS passes
+all ones to ``generate`` (beams attend to question padding), we pass the real mask, as training does
+(``reference_quirk=True``: all ones); (2) a beam cut at ``max_length`` is normalised by 9 tokens here, 10 there
+(transformers 5 counts generated tokens with [SEP], 4.26 the hypothesis with [DEC]); answers ending in [SEP]
+score the same."""
 
 from __future__ import annotations
 
@@ -17,44 +16,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .files import atomic_write
+from .metrics import compute_metrics
 from .model import component_modules
 from .profiles import Profile, get_profile
 from .train import FrozenFeatures, VQACollator, answer_loss, decoder_logits, encode_answers, question_states
-
-
-@torch.no_grad()
-def generate_answers(model: nn.Module, tokenizer: Any, batch: dict[str, Any], profile: Profile, *,
-                     reference_quirk: bool = False) -> list[str]:
-    """Beam search from [DEC] as the reference: 3 beams, at most 10 tokens, at least 1, stop at [SEP]."""
-    states = question_states(model, batch)
-    mask = torch.ones_like(batch["attention_mask"]) if reference_quirk else batch["attention_mask"]
-    bos = torch.full((states.shape[0], 1), tokenizer.bos_token_id, dtype=torch.long, device=states.device)
-    out = component_modules(model)["dec"].generate(
-        input_ids=bos, encoder_hidden_states=states, encoder_attention_mask=mask, num_beams=profile.num_beams,
-        max_length=profile.max_answer_length, min_length=profile.min_answer_length,
-        eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False)
-    return [s.strip() for s in tokenizer.batch_decode(out, skip_special_tokens=True)]
-
-
-@torch.no_grad()
-def rank_answers(model: nn.Module, tokenizer: Any, batch: dict[str, Any], profile: Profile,
-                 candidates: Sequence[str], *, k: int = 128, label_smoothing: float = 0.1) -> list[str]:
-    """BLIP's ``rank_answer``: keep the ``k`` candidates whose first token is likeliest after [DEC], then pick
-    the one with the lowest answer loss (computed as in training, label smoothing included, as BLIP does)."""
-    states, qmask = question_states(model, batch), batch["attention_mask"]
-    ans_ids, ans_mask, labels = (t.to(states.device) for t in encode_answers(tokenizer, candidates,
-                                                                              profile.max_answer_tokens))
-    n_q, k = states.shape[0], min(k, len(candidates))
-    first = decoder_logits(model, states, qmask, ans_ids[:1, :1].expand(n_q, 1), ans_mask[:1, :1].expand(n_q, 1))
-    top_ids = first[:, 0].float().softmax(-1).index_select(1, ans_ids[:, 1]).topk(k, dim=1).indices  # (n_q, k)
-    flat = top_ids.reshape(-1)
-    logits = decoder_logits(model, states.repeat_interleave(k, 0), qmask.repeat_interleave(k, 0),
-                            ans_ids[flat], ans_mask[flat])
-    loss = answer_loss(logits, labels[flat], label_smoothing, "sum").view(n_q, k)
-    best = top_ids.gather(1, loss.argmin(1, keepdim=True)).squeeze(1)
-    return [candidates[i] for i in best.tolist()]
 
 
 def evaluate_model(model: nn.Module, tokenizer: Any, profile: str | Profile, dataset: Any, *,
@@ -67,10 +35,6 @@ def evaluate_model(model: nn.Module, tokenizer: Any, profile: str | Profile, dat
     reference's beam search, ``"rank"`` BLIP's ranking over ``candidates`` (e.g. the training answers).
     ``autocast``/``dtype``: the training run's (frozen outputs kept in the dtype the next layer consumes).
     Returns ``{"metrics", "predictions", "cache"}``; with ``out_dir`` also ``out_dir/predictions.jsonl``."""
-    from tqdm.auto import tqdm
-
-    from .metrics import compute_metrics
-
     if method not in ("generate", "rank") or (method == "rank" and not candidates) or len(dataset) == 0:
         raise ValueError(f"evaluate_model: method {method!r} (expected 'generate', or 'rank' with a non-empty "
                          f"candidates list) on {len(dataset)} records (expected some)")
@@ -81,7 +45,9 @@ def evaluate_model(model: nn.Module, tokenizer: Any, profile: str | Profile, dat
                               batch_size=batch_size)
     features.prepare(dataset, autocast)
     collator = VQACollator(tokenizer, prof, dataset, need_pixels=not features.vit_cached)
-    cands = list(dict.fromkeys(candidates or ()))
+    if method == "rank":
+        cands = list(dict.fromkeys(candidates))
+        ans_ids, ans_mask, labels = (t.to(device) for t in encode_answers(tokenizer, cands, prof.max_answer_tokens))
     predictions: list[str] = []
     questions: list[str] = []
     for start in tqdm(range(0, len(dataset), batch_size), desc="evaluate", leave=False, disable=not progress):
@@ -89,10 +55,27 @@ def evaluate_model(model: nn.Module, tokenizer: Any, profile: str | Profile, dat
         batch = features.attach({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}, dataset,
                                 autocast)
         questions.extend(batch["questions"])
-        with autocast():
-            predictions.extend(generate_answers(model, tokenizer, batch, prof, reference_quirk=reference_quirk)
-                               if method == "generate" else
-                               rank_answers(model, tokenizer, batch, prof, cands, label_smoothing=label_smoothing))
+        with autocast(), torch.no_grad():
+            states, qmask = question_states(model, batch), batch["attention_mask"]
+            if method == "generate":  # beam search from [DEC], as the reference
+                bos = torch.full((states.shape[0], 1), tokenizer.bos_token_id, dtype=torch.long, device=states.device)
+                out = component_modules(model)["dec"].generate(
+                    input_ids=bos, encoder_hidden_states=states, num_beams=prof.num_beams,
+                    encoder_attention_mask=torch.ones_like(qmask) if reference_quirk else qmask,
+                    max_length=prof.max_answer_length, min_length=prof.min_answer_length,
+                    eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False)
+                predictions.extend(s.strip() for s in tokenizer.batch_decode(out, skip_special_tokens=True))
+                continue
+            # BLIP's rank_answer: keep the k candidates whose first token is likeliest after [DEC], then pick the
+            # one with the lowest answer loss (as in training, label smoothing included, as BLIP does)
+            n_q, k = states.shape[0], min(128, len(cands))
+            first = decoder_logits(model, states, qmask, *(t[:1, :1].expand(n_q, 1) for t in (ans_ids, ans_mask)))
+            top_ids = first[:, 0].float().softmax(-1).index_select(1, ans_ids[:, 1]).topk(k, dim=1).indices
+            flat = top_ids.reshape(-1)
+            logits = decoder_logits(model, states.repeat_interleave(k, 0), qmask.repeat_interleave(k, 0),
+                                    ans_ids[flat], ans_mask[flat])
+            loss = answer_loss(logits, labels[flat], label_smoothing, "sum").view(n_q, k)
+            predictions.extend(cands[i] for i in top_ids.gather(1, loss.argmin(1, keepdim=True)).squeeze(1).tolist())
     model.train(was_training)
     rows = [{"qid": r.qid, "question": q, "answer": r.answer, "prediction": p, "answer_type": r.answer_type,
              "content_type": r.content_type} for r, q, p in zip(dataset.records, questions, predictions, strict=True)]

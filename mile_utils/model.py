@@ -23,7 +23,6 @@ DEC_TOKEN = "[DEC]"  # decoder's bos, as in BLIP/MISS
 ENC_TOKEN = "[ENC]"  # replaces [CLS] as the JTM's first token, as in BLIP/MISS
 # bert-base-uncased's ids, then [DEC] and [ENC] appended at 30522/30523 (BLIP's init_tokenizer)
 BLIP_SPECIAL_IDS = {"[PAD]": 0, "[CLS]": 101, "[SEP]": 102, DEC_TOKEN: 30522, ENC_TOKEN: 30523}
-HUB_TIMEOUT_S = 10  # one look at the hub; its client would otherwise retry for minutes when offline
 
 
 def check_blip_tokenizer(tokenizer: Tokenizer, source: str) -> Tokenizer:
@@ -52,7 +51,7 @@ def load_local_first(load: Callable[..., Any], source: str, what: str, error: ty
     try:
         if huggingface_hub.is_offline_mode():
             raise ConnectionError("HF_HUB_OFFLINE is set")
-        huggingface_hub.model_info(source, timeout=HUB_TIMEOUT_S)
+        huggingface_hub.model_info(source, timeout=10)  # one look: offline, its client would retry for minutes
     except Exception as err:
         raise error(f"{what}: could not load {source!r}; tried {tried}; " + f"the hub: {type(err).__name__}: {err}"
                     .splitlines()[0] + f". Download it where there is network (`hf download {source} --local-dir "
@@ -61,11 +60,10 @@ def load_local_first(load: Callable[..., Any], source: str, what: str, error: ty
 
 
 def build_tokenizer(profile: str | Profile = "tiny", path: str | Path | None = None) -> Tokenizer:
-    """The tokenizer for ``profile``. ``tiny``: a BERT-uncased WordPiece one built offline, the same on every machine:
-    every printable ASCII character is a word start and a ``##`` continuation (no English text maps to [UNK]),
-    whole medical-VQA words follow (most questions are a few tokens long), then [DEC] and [ENC]. ``paper``:
-    BERT-base-uncased + [DEC]/[ENC] from ``path``, a local folder (bert-base-uncased or BLIP VQA snapshot) or hub id
-    (default bert-base-uncased), local files first; checked by :func:`check_blip_tokenizer`."""
+    """``tiny``: a BERT-uncased WordPiece tokenizer built offline, the same on every machine: every printable ASCII
+    character is a word start and a ``##`` continuation (no English text maps to [UNK]), then whole medical-VQA
+    words (short questions), [DEC] and [ENC]. ``paper``: bert-base-uncased + [DEC]/[ENC] from ``path``, a local
+    folder (bert-base-uncased or a BLIP VQA snapshot) or hub id (default bert-base-uncased), local files first."""
     prof = get_profile(profile)
     if path is None and prof.vocab_size is None:
         text = resources.files("mile_utils.reference").joinpath("tiny_vocab_words.txt").read_text(encoding="utf-8")
@@ -108,9 +106,8 @@ def _drop_path(rate: float, module: torch.nn.Module, args: Any, output: Any) -> 
 
 def build_model(profile: str | Profile = "tiny", tokenizer: Tokenizer | None = None, *,
                 device: str | torch.device = "cpu", seed: int | None = 0) -> BlipForQuestionAnswering:
-    """A randomly initialised MISS/BLIP VQA model of the profile's size whose special-token ids match ``tokenizer``,
-    with the cross-attention mask fix and the ViT's drop-path. ``device="meta"`` allocates no weights: enough for
-    parameter accounting."""
+    """A randomly initialised MISS/BLIP VQA model of the profile's size whose special-token ids match ``tokenizer``.
+    ``device="meta"`` allocates no weights: enough for parameter accounting."""
     prof = get_profile(profile)
     if prof.vocab_size is not None:  # paper: BLIP's ids, so the model needs no tokenizer download
         if tokenizer is not None:
