@@ -117,10 +117,11 @@ def test_truncation_report() -> None:
     # the long "Used the provided image..." template is the one most often cut
     per = report["templates"]
     assert per[INSTRUCTION_TEMPLATES[4]]["fraction"] >= per[INSTRUCTION_TEMPLATES[5]]["fraction"]
-    short = truncation_report([rec(1, "yes", "X", "Is it?")], tok, max_tokens=5)
-    n = len(tok("Is it?")["input_ids"])  # [CLS] is it ? [SEP]
-    assert n == 5 and short["truncated"] == 0 and short["mean_tokens"] == 5
-    assert truncation_report([rec(1, "yes", "X", "Is it?")], tok, max_tokens=4)["fraction"] == 1.0
+    one = [rec(1, "yes", "X", "Is it?")]
+    lengths = [len(tok(text, add_special_tokens=False)["input_ids"]) + 2 for text in pool(fmt, one[0])]  # [CLS] [SEP]
+    longest = truncation_report(one, tok, max_tokens=max(lengths), formatter=fmt)
+    assert longest["truncated"] == 0 and longest["mean_tokens"] == sum(lengths) / 6
+    assert truncation_report(one, tok, max_tokens=min(lengths) - 1, formatter=fmt)["fraction"] == 1.0
 
 
 def test_write_and_read_instruction_json(tmp_path: Path) -> None:

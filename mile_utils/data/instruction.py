@@ -1,9 +1,7 @@
-"""MILE's instruction format: any VQA record turned into the reference's six prompt templates, seeded.
-
-Templates, order and option format are those of MILE's released ``RAD_instruction_data.json``: a CLOSED question
-gets all six (the third "judgmental"), an OPEN one the five others. Options: the answer plus the opposite Yes/No,
-else up to three answers of the split, same content type first (MILE drew its own at random: only their kind can
-match its file); shuffled once per record."""
+"""MILE's instruction format, seeded: templates, order and options as in its released ``RAD_instruction_data.json``.
+A CLOSED question gets all six templates (the third "judgmental"), an OPEN one the five others. Options: the answer
+plus the opposite Yes/No, else up to three answers of the split, same content type first (MILE drew its own at
+random: only their kind can match its file); shuffled once per record."""
 
 from __future__ import annotations
 
@@ -65,30 +63,26 @@ class InstructionFormatter:
 
 
 def write_instruction_json(records: Iterable[Record], path: str | Path, *, seed: int = 0) -> Path:
-    """Write MILE's instruction JSON (``img_name, qid, answer, question_pool`` + answer/content type); the first
-    prompt of a pool is the evaluation prompt."""
+    """MILE's instruction JSON (``img_name, qid, answer, question_pool``, types); the first prompt is for evaluation."""
     fmt = InstructionFormatter(records := list(records), seed=seed)
     return write_json(path, [{"img_name": r.img_name, "qid": r.qid, "answer": r.answer,
                               "question_pool": [text for _, text in fmt.filled(r)], "answer_type": r.answer_type,
                               "content_type": r.content_type} for r in records])
 
 
-def truncation_report(records: Sequence[Record], tokenizer: Any, *, max_tokens: int = 35,
-                      formatter: InstructionFormatter | None = None) -> dict[str, Any]:
-    """How many prompts a ``max_tokens`` limit (counting [CLS]/[SEP], as BLIP's tokenizer call does) cuts: overall,
-    and per template when ``formatter`` gives every template of every record (else each record's ``prompts`` or
-    question)."""
+def truncation_report(records: Sequence[Record], tokenizer: Any, *, formatter: InstructionFormatter,
+                      max_tokens: int = 35) -> dict[str, Any]:
+    """How many of ``formatter``'s prompts a ``max_tokens`` limit (counting [CLS]/[SEP], as BLIP's tokenizer call
+    does) cuts, overall and per template."""
     per_template: dict[int, list[int]] = defaultdict(list)
     for rec in records:
-        for key, text in formatter.filled(rec) if formatter else enumerate(rec.prompts or (rec.question,)):
-            per_template[key].append(len(tokenizer(text, add_special_tokens=True)["input_ids"]))
+        for i, text in formatter.filled(rec):
+            per_template[i].append(len(tokenizer(text, add_special_tokens=True)["input_ids"]))
 
     def block(ns: list[int]) -> dict[str, Any]:
         cut = sum(n > max_tokens for n in ns)
         return {"prompts": len(ns), "truncated": cut, "fraction": cut / len(ns) if ns else 0.0,
                 "mean_tokens": sum(ns) / len(ns) if ns else 0.0, "max_tokens_seen": max(ns, default=0)}
 
-    report = {"max_tokens": max_tokens, **block([n for ns in per_template.values() for n in ns])}
-    if formatter is not None:
-        report["templates"] = {INSTRUCTION_TEMPLATES[int(k)]: block(v) for k, v in sorted(per_template.items())}
-    return report
+    return {"max_tokens": max_tokens, **block([n for ns in per_template.values() for n in ns]),
+            "templates": {INSTRUCTION_TEMPLATES[i]: block(v) for i, v in sorted(per_template.items())}}

@@ -46,10 +46,8 @@ def _collect(rows: Iterable[Mapping[str, Any]], key: str, split: str, source: st
              lang: str | None) -> tuple[list[Record], list[dict[str, Any]]]:
     """Records and problems of raw rows in SLAKE's field names, each with its ``file``, ``index`` (position in the
     file) and maybe ``bad`` (found by the reader). A repeated qid is bad: predictions are matched by qid."""
-    records: list[Record] = []
-    problems: list[dict[str, Any]] = []
-    checked: dict[tuple[Any, str], str] = {}
-    seen: set[str] = set()
+    records, problems, seen = [], [], set()
+    checked: dict[tuple[Any, str], str] = {}  # image -> problem ("" = none); SLAKE asks ~10 questions per image
     names = {"img_name": "image_name"} if key == "vqa-rad" else {}  # field names as the file has them
     for raw in rows:
         bad = raw.get("bad") or _field_problem(raw, names)
@@ -62,13 +60,13 @@ def _collect(rows: Iterable[Mapping[str, Any]], key: str, split: str, source: st
                 content_type=str(raw.get("content_type") or "unknown").strip(), image_root=raw.get("image_root"),
                 q_lang=str(raw.get("q_lang") or "en"), prompts=tuple(raw.get("prompts") or ()),
                 image_bytes=raw.get("image_bytes"))
-            if (key := (rec.image_root, rec.img_name)) not in checked:  # SLAKE asks ~10 questions per image
+            if (image := (rec.image_root, rec.img_name)) not in checked:
                 try:
                     rec.load_image(verify)
-                    checked[key] = ""
+                    checked[image] = ""
                 except (FileNotFoundError, ValueError) as err:
-                    checked[key] = str(err)
-            bad = ((names.get("img_name", "img_name"), checked[key]) if checked[key] else
+                    checked[image] = str(err)
+            bad = ((names.get("img_name", "img_name"), checked[image]) if checked[image] else
                    ("qid", "duplicate qid in this split") if str(rec.qid) in seen else None)
         if bad is not None:
             problems.append({"file": raw["file"], "index": raw["index"], "qid": raw.get("qid"), "field": bad[0],
@@ -203,9 +201,8 @@ def _vqa_rad(target: Path, split: str, images: Path | None) -> list[dict[str, An
 
 
 def _instruction(path: Path, split: str, images: Path | None) -> list[dict[str, Any]]:
-    """MILE's instruction JSON: ``{img_name, qid, answer, question_pool: [prompt, ...]}`` per record -> ``prompts``
-    the pool, ``question`` its first prompt; without ``answer_type``, CLOSED = yes/no. Images under ``images``
-    (default: the file's folder, or its ``imgs/`` subfolder)."""
+    """MILE's instruction JSON: ``question_pool`` -> ``prompts``, its first the ``question``; without
+    ``answer_type``, CLOSED = yes/no. Images under ``images``, else the file's ``imgs/`` subfolder or folder."""
     path = _split_file(path, split) if path.is_dir() else path
     images = images or (path.parent / "imgs" if (path.parent / "imgs").is_dir() else path.parent)
     rows = _read_json_list(path)

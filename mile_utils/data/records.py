@@ -1,5 +1,4 @@
-"""The one record type every dataset source returns, and the records as the training loop reads them: BLIP's
-image preprocessing (and the reference code's quirk), :class:`VQADataset`."""
+"""The one record type every dataset source returns; BLIP's image preprocessing; :class:`VQADataset`."""
 
 from __future__ import annotations
 
@@ -19,15 +18,14 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def is_yes_no(answer: str) -> bool:
-    """Whether an answer is yes/no (VQA-RAD hub's and the paper tables' definition of 'closed')."""
+    """VQA-RAD hub's and the paper tables' definition of 'closed'."""
     return str(answer).strip().lower().rstrip(".!") in ("yes", "no")
 
 
 @dataclass(frozen=True)
 class Record:
-    """One VQA question about one image, in SLAKE's field names. ``qid`` (unique within a split) is what metrics
-    and predictions match on. The image is ``image_root / img_name``, or ``image_bytes`` for sources that ship
-    images inside a file (hub parquet). ``prompts``: MILE's instruction ``question_pool``, when there is one."""
+    """One VQA question in SLAKE's field names; ``qid`` (unique within a split) is what predictions match on. The
+    image is ``image_root / img_name``, or ``image_bytes`` (hub parquet). ``prompts``: MILE's ``question_pool``."""
 
     img_name: str
     question: str
@@ -54,17 +52,17 @@ class Record:
         return Path(self.image_root) / self.img_name if self.image_root is not None else None
 
     def load_image(self, decode: bool = True) -> Image.Image | None:
-        """The image as PIL RGB (grayscale scans replicated to three channels, as BLIP expects); ``decode=False``
-        only checks that it is there. FileNotFoundError or ValueError say what is wrong."""
+        """The image as PIL RGB (grayscale replicated to three channels, as BLIP expects); ``decode=False`` only
+        checks that it is there."""
         path, data = self.image_path, self.image_bytes
         if data is None and (path is None or not path.is_file()):
             raise FileNotFoundError(f"image file {path} not found" if path else
                                     f"record qid={self.qid!r} has no image: no file, no embedded bytes")
-        try:
-            if decode:
-                with Image.open(io.BytesIO(data) if data is not None else path) as img:  # type: ignore[arg-type]
-                    return img.convert("RGB")
+        if not decode:
             return None
+        try:
+            with Image.open(io.BytesIO(data) if data is not None else path) as img:  # type: ignore[arg-type]
+                return img.convert("RGB")
         except (UnidentifiedImageError, OSError, ValueError) as err:
             where = path if data is None else f"bytes of record qid={self.qid!r}"
             raise ValueError(f"image {where} is unreadable: {err}") from err
@@ -79,13 +77,8 @@ class ImageTransform:
     image_size: int
     reference_quirk: bool = False
 
-    def __post_init__(self) -> None:
-        if int(self.image_size) <= 0:
-            raise ValueError(f"image_size must be a positive number of pixels, got {self.image_size!r}")
-
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        size = int(self.image_size)  # PIL's resize to the same size is a plain copy
-        img = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+        img = image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
         x = torch.from_numpy(np.array(img, dtype=np.float32)).permute(2, 0, 1) / 255.0
         if self.reference_quirk:
             return x / 255.0
@@ -93,9 +86,8 @@ class ImageTransform:
 
 
 class VQADataset:
-    """Records + an image transform, read by the engine's collator (``question_text(i)``, ``pixels(i)``).
-    Instruction records (``Record.prompts``) give a prompt drawn per record and epoch when ``train`` (see
-    :meth:`set_epoch`), else the first, as MILE did. Small decoded images (<= 128 px) are kept in memory."""
+    """Records + an image transform, read by the engine's collator. Instruction records give a prompt drawn per
+    record and epoch when ``train``, else the first, as MILE did. Small images (<= 128 px) are kept in memory."""
 
     def __init__(self, records: Sequence[Record], transform: ImageTransform, *, train: bool = False, seed: int = 0,
                  cache_images: bool | None = None) -> None:

@@ -38,6 +38,7 @@ COLOR = {"bright": "white", "dark": "black"}
 P_VIEW_FAMILY = 0.67  # chance that each plane/modality question family is asked (keeps them from dominating)
 P_LESION_FAMILY = 0.7  # chance that each lesion-only question family is asked about a lesion image
 
+
 @lru_cache(maxsize=1)
 def _volumes() -> dict[str, np.ndarray]:
     """T1 template, grey and white matter maps at 1 mm in [0, 1], from nilearn's wheel (a missing file, nilearn
@@ -57,6 +58,7 @@ def _slice(plane: str, index: int, modality: str) -> np.ndarray:
         return t1
     brain = (t1 > 0.02).astype(np.float32)
     return np.clip(0.95 * np.clip(brain - gm - wm, 0.0, 1.0) + 0.55 * gm + 0.28 * wm, 0.0, 1.0) * brain
+
 
 def _render(index: int, seed: int) -> tuple[dict[str, Any], np.ndarray]:
     """One image's ground truth (``meta.json``'s fields) and pixels, from its own generator."""
@@ -128,6 +130,7 @@ def _place_lesions(rng: np.random.Generator, brain: np.ndarray, count: int, size
         placed.append((float(row), float(col), radius))
     return placed
 
+
 # One row per question family: group, content type, kind, fact, templates ("|" between them). Kinds: open (the
 # answer is the fact), ask (yes/no naming the true value or a wrong one, p = 1/2 each), pair ("a or b", order
 # shuffled), check (yes/no; each template names, after "=", the fact's value that makes the answer yes).
@@ -167,8 +170,8 @@ SAY = {"t1": "T1", "t2": "T2", "axial": "an axial", "coronal": "a coronal", "sag
 
 
 def _questions(scan: dict[str, Any], seed: int, variant: str = "") -> list[tuple[str, str, str, str]]:
-    """(question, answer, answer_type, content_type) of one image, drawn from its own generator; the
-    ``pretraining`` variant drops the :data:`UNASKED` forms after all draws (the other questions stay the same)."""
+    """(question, answer, answer_type, content_type) of one image; ``pretraining`` drops :data:`UNASKED` after all
+    draws, so the other questions stay the same."""
     rng = np.random.default_rng([seed, scan["index"], GENERATOR_VERSION, 1])
 
     def pick(options: list[str]) -> str:  # a single option costs no draw
@@ -200,6 +203,7 @@ def _questions(scan: dict[str, Any], seed: int, variant: str = "") -> list[tuple
         if not (variant == "pretraining" and (content_type, kind) in UNASKED):
             out.append((question, answer, "OPEN" if kind == "open" else "CLOSED", content_type))
     return out
+
 
 def parse_size(size: int | str | None) -> tuple[int, str]:
     """(images, variant): ``None``/``"full"`` -> 700, ``"small"`` -> 160, or a number (at least 6); the
