@@ -14,7 +14,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
-from functools import lru_cache
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -137,15 +137,6 @@ class RunConfig:
         return run_identity(cfg, *_load_data(cfg))["key"]
 
 
-@lru_cache(maxsize=256)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a changed file is read again
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def content_id(source: str | os.PathLike[str] | None) -> str | None:
     """A local file or folder by the SHA-256 of its files' bytes (names relative to it, hidden files left out);
     anything else (a hub id) by its name."""
@@ -155,10 +146,12 @@ def content_id(source: str | os.PathLike[str] | None) -> str | None:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not any(
         part.startswith(".") for part in p.relative_to(path).parts))
     h = hashlib.sha256()
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.relative_to(path) if f != path else ''}:{_file_digest(str(f), st.st_size, st.st_mtime_ns)}\n"
-                 .encode())
+    for f in files:  # each file by its own digest (not streamed into one hash): keys stay as runs recorded them
+        digest = hashlib.sha256()
+        with open(f, "rb") as stream:
+            for chunk in iter(partial(stream.read, 1 << 20), b""):
+                digest.update(chunk)
+        h.update(f"{f.relative_to(path) if f != path else ''}:{digest.hexdigest()}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -200,7 +193,6 @@ def _load_data(cfg: RunConfig) -> tuple[list[Any], list[Any]]:
         if n is None or n >= len(records):
             return records
         return [records[i] for i in sorted(random.Random(cfg.seed).sample(range(len(records)), n))]
-
     return subset(cfg.train_split, cfg.max_train_samples), subset(cfg.eval_split, cfg.max_eval_samples)
 
 

@@ -197,7 +197,6 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
         kib = int(re.search(r"VmHWM:\s*(\d+)", Path("/proc/self/status").read_text()).group(1))  # type: ignore
         return {"peak_bytes": kib * 1024, "kind": "process_peak_rss_of_run"}
     import psutil
-
     info = psutil.Process().memory_info()
     return {"peak_bytes": int(getattr(info, "peak_wset", info.rss)), "kind": "process_peak_rss_since_start"}
 
