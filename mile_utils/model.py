@@ -76,10 +76,8 @@ def build_tokenizer(profile: str | Profile = "tiny", path: str | Path | None = N
 
     def load(src: str, **kwargs: Any) -> Tokenizer:
         tokenizer = BertTokenizerFast.from_pretrained(src, **kwargs)
-        for token, key in ((DEC_TOKEN, "bos_token"), (ENC_TOKEN, "additional_special_tokens")):  # BLIP's order
-            if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id):
-                tokenizer.add_special_tokens({key: token if key == "bos_token" else [token]})
-        tokenizer.bos_token = DEC_TOKEN
+        # appended in BLIP's order where missing (bert-base-uncased); a BLIP VQA snapshot has them
+        tokenizer.add_special_tokens({"bos_token": DEC_TOKEN, "additional_special_tokens": [ENC_TOKEN]})
         return check_blip_tokenizer(tokenizer, src)
 
     return load_local_first(load, str(path or "bert-base-uncased"), f"tokenizer of profile {prof.name!r} (--tokenizer)")
