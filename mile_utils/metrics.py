@@ -45,7 +45,6 @@ def _token_scores(pred: str, gold: str) -> tuple[float, ...]:
 def _yes_no_prf(gold: list[str], pred: list[str]) -> dict[str, Any]:
     """P/R/F1 with "yes" positive over yes/no gold answers (scikit-learn); other predictions are just wrong."""
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-
     labels, pred = ["yes", "no", "other"], [p if p in ("yes", "no") else "other" for p in pred]
     matrix = confusion_matrix(gold, pred, labels=labels)[:2].tolist() if gold else [[0] * 3, [0] * 3]
     p, r = (float(v[0]) for v in precision_recall_fscore_support(gold, pred, labels=["yes"], zero_division=0)[:2]) \
@@ -131,7 +130,6 @@ def mcnemar(a_correct: Mapping[Any, bool], b_correct: Mapping[Any, bool]) -> dic
     """Exact McNemar test of two systems (``qid -> right?``, a dict or pd.Series): ``b`` questions only A answers
     right, ``c`` only B; ``p`` the two-sided binomial test of b of b + c at 1/2 (1.0 when b + c = 0)."""
     from scipy.stats import binomtest
-
     if set(a_correct.keys()) != set(b_correct.keys()):
         raise ValueError(f"mcnemar: the two systems answered different questions ({len(a_correct)} vs "
                          f"{len(b_correct)} qids); a paired test needs the same ones")

@@ -69,7 +69,7 @@ def test_prompts_equal_mile_released_file() -> None:
             assert sorted(o[3:] for o in our_options.split("; ")) == sorted(o[3:] for o in mile_options.split("; "))
             assert {o[3:] for o in our_options.split("; ")} == {record.answer, other}
         else:
-            non_yes_no_closed += record.is_closed
+            non_yes_no_closed += record.answer_type == "CLOSED"
             assert f"){record.answer}" in our_options and len(our_options.split("; ")) == 4
         assert [p.replace(our_options, mile_options) for p in ours] == r["question_pool"]
     assert non_yes_no_closed == 10  # the judgmental pool for CLOSED questions that are not yes/no too

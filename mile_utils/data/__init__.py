@@ -1,5 +1,4 @@
-"""Datasets for MILE Book: one record type, the built-in ``synthetic`` set, SLAKE / VQA-RAD / instruction
-loaders, BLIP image preprocessing and MILE's instruction-format prompts."""
+"""Records, the built-in ``synthetic`` set, SLAKE / VQA-RAD / instruction loaders, MILE's instruction prompts."""
 
 from .instruction import INSTRUCTION_TEMPLATES, InstructionFormatter, truncation_report, write_instruction_json
 from .loaders import load_records, summarize_dataset

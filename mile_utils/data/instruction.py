@@ -25,7 +25,7 @@ INSTRUCTION_TEMPLATES: tuple[str, ...] = (
     "Provide your ansewer based on the option",
     '<image>What is the answer to the following question?"{$question}"',
 )
-JUDGMENT_TEMPLATE = 2  # CLOSED questions only
+JUDGMENT = 2  # the "judgmental" template: CLOSED questions only
 
 
 class InstructionFormatter:
@@ -59,7 +59,7 @@ class InstructionFormatter:
         """(template index, prompt) for every template that applies to the record, in MILE's order."""
         options = "; ".join(f"({'abcdefghij'[i]}){opt}" for i, opt in enumerate(self.options(record)))
         return [(i, Template(t).substitute(question=record.question, options=options))
-                for i, t in enumerate(INSTRUCTION_TEMPLATES) if i != JUDGMENT_TEMPLATE or record.is_closed]
+                for i, t in enumerate(INSTRUCTION_TEMPLATES) if i != JUDGMENT or record.answer_type == "CLOSED"]
 
 
 def write_instruction_json(records: Iterable[Record], path: str | Path, *, seed: int = 0) -> Path:

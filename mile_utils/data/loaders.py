@@ -154,7 +154,6 @@ def _vqa_rad(target: Path, split: str, images: Path | None) -> list[dict[str, An
     test; its ``qid`` when distinct, else the position) and the hub's parquet (``flaviagiammarino/vqa-rad``: image,
     question, answer; no answer type: CLOSED = yes/no; qid ``<split>_<row>``; images named by their bytes' hash)."""
     import pyarrow.parquet as pq
-
     target = target / OSF_JSON if (target / OSF_JSON).is_file() else target
     held = _parquet_split(target) if target.suffix.lower() == ".parquet" else split
     if target.is_file() and held != split:
@@ -267,7 +266,7 @@ def summarize_dataset(dataset: str = "synthetic", split: str = "train", **kwargs
     good, problems, source, key = _load(dataset, split, **{**kwargs, "verify_images": True})
     return {"dataset": key, "split": good[0].split, "source": source, "records": len(good),
             "images": len({r.img_name for r in good}), "open": sum(r.answer_type == "OPEN" for r in good),
-            "closed": sum(r.is_closed for r in good), "yes_no": sum(r.is_yes_no for r in good),
+            "closed": sum(r.answer_type == "CLOSED" for r in good), "yes_no": sum(r.is_yes_no for r in good),
             "answers": len({r.answer.lower() for r in good}),
             "content_types": dict(sorted(Counter(r.content_type for r in good).items())),
             "skipped": len(problems), "problems": problems[:10]}

@@ -12,8 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-# BLIP (and MISS) normalise with CLIP's statistics, not ImageNet's
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # BLIP (and MISS) normalise with CLIP's, not ImageNet's
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
@@ -38,10 +37,6 @@ class Record:
     q_lang: str = "en"
     prompts: tuple[str, ...] = ()
     image_bytes: bytes | None = field(default=None, repr=False, compare=False, hash=False)
-
-    @property
-    def is_closed(self) -> bool:
-        return self.answer_type == "CLOSED"
 
     @property
     def is_yes_no(self) -> bool:

@@ -30,7 +30,7 @@ MIDLINE_X = 98  # template voxel index of x = 0 mm (affine offset -98)
 BRAIN_CENTRE = (98, 117, 80)  # (x, y, z) voxel
 PLANES = ("axial", "coronal", "sagittal")
 MODALITIES = ("t1", "t2")
-SLICE_RANGES = {"axial": (60, 125), "coronal": (50, 180), "sagittal": (35, 161)}
+SLICE_RANGES = {"axial": (60, 126), "coronal": (50, 181), "sagittal": (35, 162)}  # [low, high) voxel index
 LESION_RADIUS = {"small": (3.6, 5.0), "large": (8.0, 10.5)}  # canvas pixels (x0.5 at 64 px)
 LESION_VALUE = {"bright": (0.96, 1.0), "dark": (0.02, 0.07)}
 KIND = {"bright": "tumor", "dark": "cyst"}  # the open abnormality answer names the appearance
@@ -74,8 +74,7 @@ def _render(index: int, seed: int) -> tuple[dict[str, Any], np.ndarray]:
     centre_r, centre_c = {"axial": (dims[1] - 1 - y, dims[0] - 1 - x), "coronal": (dims[2] - 1 - z, dims[0] - 1 - x),
                           "sagittal": (dims[2] - 1 - z, dims[1] - 1 - y)}[plane]
     for _attempt in range(50):
-        lo, hi = SLICE_RANGES[plane]
-        index_3d = int(rng.integers(lo, hi + 1))
+        index_3d = int(rng.integers(*SLICE_RANGES[plane]))
         if plane == "sagittal" and abs(index_3d - MIDLINE_X) < 8:
             continue  # the midline slice is mostly falx and CSF
         step = FOV_VOXELS / CANVAS / float(rng.uniform(0.92, 1.08))
