@@ -205,10 +205,8 @@ def _instruction(path: Path, split: str, images: Path | None) -> list[dict[str, 
     path = _split_file(path, split) if path.is_dir() else path
     images = images or (path.parent / "imgs" if (path.parent / "imgs").is_dir() else path.parent)
     rows = _read_json_list(path)
-    for raw in rows:
+    for raw in (r for r in rows if "bad" not in r):
         pool = raw.get("question_pool")
-        if "bad" in raw:
-            continue
         if not isinstance(pool, list) or not pool or not all(isinstance(p, str) and p.strip() for p in pool):
             raw["bad"] = ("question_pool", "expected a non-empty list of prompt strings")
         else:
@@ -255,8 +253,7 @@ def load_records(dataset: str = "synthetic", split: str = "train", **kwargs: Any
     ``lang`` keeps one language, None all), ``vqa-rad`` (``path`` = the OSF json or a hub parquet file/folder, or
     ``root`` = a folder with either; train/test only) or ``instruction`` (``path`` = a MILE instruction JSON, or
     ``root`` with ``<split>.json``; images under ``root``, default next to the file). ``hub=True`` (or a hub id)
-    downloads SLAKE or VQA-RAD. ``skip_bad=True`` drops bad records with a warning; ``verify_images=True``
-    decodes each image once (else image files need only exist)."""
+    downloads SLAKE or VQA-RAD. ``skip_bad=True`` drops bad records with a warning."""
     return _load(dataset, split, **kwargs)[0]
 
 

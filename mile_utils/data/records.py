@@ -65,9 +65,8 @@ class Record:
 
 @dataclass(frozen=True)
 class ImageTransform:
-    """PIL image -> float tensor (3, size, size): bicubic resize, CLIP mean/std normalisation (BLIP eval).
-    ``reference_quirk=True``: the MILE reference code's instead, no normalisation and the pixels divided by 255
-    twice (``ToTensor``, then the code), so the model sees [0, 1/255]. Only to reproduce its numbers."""
+    """PIL image -> (3, size, size) tensor as BLIP evaluates: bicubic resize, CLIP normalisation. ``reference_quirk``:
+    MILE's code instead, pixels divided by 255 twice, no normalisation (in [0, 1/255]), to reproduce its numbers."""
 
     image_size: int
     reference_quirk: bool = False
