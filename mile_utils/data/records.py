@@ -17,8 +17,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def is_yes_no(answer: str) -> bool:
-    """VQA-RAD hub's and the paper tables' definition of 'closed'."""
-    return str(answer).strip().lower().rstrip(".!") in ("yes", "no")
+    return str(answer).strip().lower().rstrip(".!") in ("yes", "no")  # 'closed' for VQA-RAD's hub and the paper
 
 
 @dataclass(frozen=True)
