@@ -92,7 +92,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print the result as JSON")
         _add_fields(p, RunConfig, *fields)
         return p
-
     _add_fields(command("params", cmd_params, "count trainable/total parameters of a component spec", "profile"),
                 AdapterSpec)
     p = command("data", cmd_data, "summarise a dataset split and report the first problems",

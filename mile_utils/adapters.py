@@ -230,23 +230,21 @@ def adapter_step(model: nn.Module, step: int) -> None:
         getattr(getattr(model, COMPONENTS[comp]), TUNER_ATTR).update_and_allocate(step)
 
 
-def _carried(model: nn.Module, spec: AdapterSpec | str | None, what: str) -> AdapterSpec:
-    carried = getattr(model, SPEC_ATTR, None)
-    if carried is None or (spec is not None and AdapterSpec.parse(spec) != carried):
-        raise ValueError(f"{what}: the model carries spec {carried}, not {spec}; call apply_spec first")
+def _carried(model: nn.Module, what: str) -> AdapterSpec:
+    if (carried := getattr(model, SPEC_ATTR, None)) is None:
+        raise ValueError(f"{what}: the model carries no adapter spec; call apply_spec first")
     return carried
 
 
-def count_parameters(model: nn.Module, spec: AdapterSpec | str | None = None) -> dict[str, Any]:
+def count_parameters(model: nn.Module) -> dict[str, Any]:
     """Trainable and total parameters of an adapted model, whole and per component (tied ones once); ``adapter``:
     what the method added and trains (a no-op JTM prefix included, as the reference counted it)."""
 
     def count(module: nn.Module) -> tuple[int, int]:
         params = list(module.parameters())
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
     (trainable, total), components = count(model), {}
-    for comp, method in _carried(model, spec, "count_parameters").methods.items():
+    for comp, method in _carried(model, "count_parameters").methods.items():
         n_trainable, n_total = count(getattr(model, COMPONENTS[comp]))
         components[comp] = {"method": method, "trainable": n_trainable, "total": n_total,
                             "adapter": 0 if method in ("F", "T") else n_trainable}
@@ -277,10 +275,10 @@ def _trainable_state(model: nn.Module, spec: AdapterSpec) -> dict[str, torch.Ten
     return state
 
 
-def save_adapters(model: nn.Module, spec: AdapterSpec | str | None, directory: str | Path) -> Path:
+def save_adapters(model: nn.Module, directory: str | Path) -> Path:
     """Write ``dir/adapter_model.safetensors`` (the trainable tensors, keys ``<comp>.<key>``) and
-    ``dir/adapter_spec.json`` (the spec the model carries; ``spec``, if given, must be it); return ``directory``."""
-    carried, root = _carried(model, spec, "save_adapters"), Path(directory)
+    ``dir/adapter_spec.json`` (the spec the model carries); return ``directory``."""
+    carried, root = _carried(model, "save_adapters"), Path(directory)
     state = {k: t.detach().contiguous() for k, t in _trainable_state(model, carried).items()}
     atomic_write(root / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"spec": str(carried)}))
     write_json(root / SPEC_FILE, carried.to_dict())

@@ -65,10 +65,9 @@ def benchmark_spec(spec: str, profile: str, steps: int | None, repeats: int, bat
             acc.free_memory()  # the accelerator would otherwise keep every call's optimizer (and its state)
             return {**run["history"][0], "cache_s": run["cache_seconds"], "cached": run["cached"],
                     "memory": run["memory"]}
-
         # warm-ups, one model alive at a time: allocators, kernels, each loop's own peak memory, the step time
         model, warm_steps = build(), steps or 4
-        params, warm_data = count_parameters(model, spec), _dataset(profile, warm_steps * batch_size, "validation")
+        params, warm_data = count_parameters(model), _dataset(profile, warm_steps * batch_size, "validation")
         first = ours_epoch(model, warm_data, None)
         # a first epoch holds one-off costs: time a second one unless the first is long (a paper-size CPU step)
         warm_s = (first if first["seconds"] >= 5 * min_block_s else ours_epoch(model, warm_data, None))["seconds"]
@@ -98,7 +97,6 @@ def benchmark_spec(spec: str, profile: str, steps: int | None, repeats: int, bat
             torch.save({"model": ref_model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 0},
                        Path(tmp) / "reference_checkpoint.pth")
             return {"seconds": seconds, "checkpoint_s": time.perf_counter() - start}
-
         reset_peak_memory(dev)
         ref_block()  # its peak memory, the epoch's checkpoint included
         ref_memory, model = peak_memory(dev), build()
@@ -113,7 +111,6 @@ def benchmark_spec(spec: str, profile: str, steps: int | None, repeats: int, bat
     def loop(rates: list[float], runs: list[dict], memory: dict, *keys: str) -> dict[str, Any]:
         return {"samples_per_s": _stats(rates), "peak_memory_bytes": memory["peak_bytes"]} | {
             k: _stats([r[k] for r in runs]) for k in keys}
-
     return {"spec": spec, "steps": steps, "trainable_percent": round(params["percent"], 4),
             "speedup": _stats([a / b for a, b in zip(ours_rates, ref_rates, strict=True)]),
             "memory_kind": first["memory"]["kind"],
@@ -148,7 +145,6 @@ def run_benchmark(profile: str = "tiny", steps: int | None = None, repeats: int 
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """The benchmark report as a text table."""
     mib, rows = 2**20, {}
     for c in report["configs"]:
         ours, ref = c["ours"], c["reference"]

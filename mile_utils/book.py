@@ -81,7 +81,6 @@ def _with_stats(runs: pd.DataFrame) -> pd.DataFrame:
         return _stats(res["metrics"]) | {"correct": _correct(map(json.loads, filter(None, lines))),
                                          "losses": [h["loss"] for h in res["history"]],
                                          "s_per_epoch": statistics.median(h["seconds"] for h in res["history"])}
-
     parts = [tuple(row) for row in runs[list(COMPONENTS)].itertuples(index=False)]
     return runs.assign(run=plots.run_labels(runs), **pd.DataFrame(map(extra, runs["out"]), index=runs.index),
                        method=[next((m for m in p if m not in ("F", "T")), "T" if "T" in p else "F") for p in parts],
@@ -130,7 +129,6 @@ def table(runs: pd.DataFrame, columns: Sequence[str] = tuple(ROUNDING)) -> pd.Da
         if f"{c}_low" in row:
             return f"{row[c]:.1f} ({row[f'{c}_low']:.1f}–{row[f'{c}_high']:.1f})"
         return f"{row[c]:.{ROUNDING.get(c, 1)}f}" if isinstance(row[c], float) else row[c]
-
     names = {"trainable_pct": "trainable %", "wall_s": "wall (s)"} | {
         c: f"{c} % (95% CI)" for c in columns if f"{c}_low" in rows.columns}
     return pd.DataFrame({names.get(c, c).replace("_", " "): [cell(r, c) for _, r in rows.iterrows()]
@@ -169,7 +167,6 @@ def paired_tests(runs: pd.DataFrame, pairs: Sequence[tuple[str, str]]) -> pd.Dat
 
 
 def compare(runs: pd.DataFrame, pairs: Sequence[tuple[str, str]]) -> Markdown:
-    """:func:`paired_tests`' sentences as a Markdown list."""
     return Markdown("\n".join("- " + s for s in paired_tests(runs, pairs)["sentence"]))
 
 

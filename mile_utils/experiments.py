@@ -187,7 +187,6 @@ def load_results(out: str | Path) -> dict[str, Any] | None:
 
 
 def _load_data(cfg: RunConfig) -> tuple[list[Any], list[Any]]:
-    """The train and eval records, each a seeded random subset when ``max_*_samples`` asks for one."""
     def subset(split: str, n: int | None) -> list[Any]:
         records = load_records(cfg.dataset, split, root=cfg.root, path=cfg.path, size=cfg.size, seed=cfg.data_seed)
         if n is None or n >= len(records):
@@ -255,9 +254,9 @@ def run_experiment(config: RunConfig, resume: bool = False, *, skip_finished: bo
             dtype=torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32,
             label_smoothing=cfg.label_smoothing, reference_quirk=cfg.reference_quirk, progress=progress)
         eval_s, train_s = time.perf_counter() - eval_start, trained["train_seconds"]
-        save_adapters(model, cfg.spec, out / WEIGHTS_DIR)
+        save_adapters(model, out / WEIGHTS_DIR)
         write_json(out / RESULTS_NAME, {
-            "config": cfg.to_dict(), "identity": identity, "params": count_parameters(model, cfg.spec),
+            "config": cfg.to_dict(), "identity": identity, "params": count_parameters(model),
             "metrics": evaluated["metrics"], "history": trained["history"],
             "data": {"train": len(train_records), "eval": len(eval_records), "eval_split": cfg.eval_split,
                      "train_images": len({r.img_name for r in train_records})},
@@ -302,12 +301,10 @@ def run_grid(configs: Iterable[RunConfig], *, skip_finished: bool = True, progre
 
 
 def collect_results(root: str | Path) -> pd.DataFrame:
-    """A pandas table of every ``results.json`` under ``root`` (e.g. a results folder from a GPU run)."""
     return pd.DataFrame([results_row(load_results(p.parent)) for p in sorted(Path(root).rglob(RESULTS_NAME))])
 
 
 def paper_reference() -> dict[str, Any]:
-    """The paper's published numbers (``mile_utils/reference/mile_paper_results.json``)."""
     ref = resources.files("mile_utils.reference").joinpath("mile_paper_results.json")
     return json.loads(ref.read_text(encoding="utf-8"))
 

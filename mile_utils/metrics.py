@@ -56,13 +56,10 @@ def _yes_no_prf(gold: list[str], pred: list[str]) -> dict[str, Any]:
             "confusion": {"gold": labels[:2], "predicted": labels, "matrix": matrix}}
 
 
-def compute_metrics(predictions: Mapping[Any, Any] | Iterable[Mapping[str, Any]], records: Sequence[Any], *,
-                    missing: str = "error") -> dict[str, Any]:
+def compute_metrics(predictions: Mapping[Any, Any] | Iterable[Mapping[str, Any]], records: Sequence[Any]) -> dict:
     """Metrics of ``predictions`` (qid -> answer, or rows with ``qid`` and ``prediction``) on ``records``; qids
-    compare as strings. An unknown qid is an error; so is a record without a prediction, unless
-    ``missing="wrong"`` (counted wrong). ``open_tokens``: mean token P/R/F1 and BLEU-1 over OPEN questions."""
-    if missing not in ("error", "wrong"):
-        raise ValueError(f"missing={missing!r}: expected 'error' or 'wrong'")
+    compare as strings. An unknown qid is an error; so is a record without a prediction. ``open_tokens``: mean
+    token P/R/F1 and BLEU-1 over OPEN questions."""
     rows = [{"qid": k, "prediction": v} for k, v in predictions.items()] if isinstance(predictions, Mapping) \
         else predictions
     preds: dict[str, str] = {}
@@ -78,18 +75,17 @@ def compute_metrics(predictions: Mapping[Any, Any] | Iterable[Mapping[str, Any]]
     unknown, absent = [q for q in preds if q not in gold_by_qid], [q for q in gold_by_qid if q not in preds]
     if unknown:
         raise ValueError(f"{len(unknown)} prediction(s) for qids not in the records, e.g. {unknown[:5]}")
-    if absent and missing == "error":
-        raise ValueError(f"{len(absent)} record(s) have no prediction, e.g. qids {absent[:5]} "
-                         "(pass missing='wrong' to count them wrong)")
+    if absent:
+        raise ValueError(f"{len(absent)} record(s) have no prediction, e.g. qids {absent[:5]}")
     groups: dict[str, list[bool]] = defaultdict(list)
     yes_no: list[tuple[str, str]] = []
     sums, n_open = [0.0] * 4, 0  # token scores added in record order, as ever (sum() may round differently)
     for qid, rec in gold_by_qid.items():
-        gold, pred = normalize_answer(rec.answer), normalize_answer(preds.get(qid, ""))
+        gold, pred = normalize_answer(rec.answer), normalize_answer(preds[qid])
         closed, yn = str(rec.answer_type).strip().upper() == "CLOSED", gold in ("yes", "no")
         for group in ("closed" if closed else "open", "yn_closed" if yn else "yn_open", "global",
                       "type:" + str(rec.content_type)):
-            groups[group].append(qid in preds and pred == gold)
+            groups[group].append(pred == gold)
         yes_no += [(gold, pred)] if yn else []
         if not closed:
             sums, n_open = [a + b for a, b in zip(sums, _token_scores(pred, gold), strict=True)], n_open + 1
@@ -99,8 +95,7 @@ def compute_metrics(predictions: Mapping[Any, Any] | Iterable[Mapping[str, Any]]
             "yes_no": {"open": acc["yn_open"], "closed": acc["yn_closed"], "global": acc["global"]},
             "closed_prf": _yes_no_prf([g for g, _ in yes_no], [p for _, p in yes_no]),
             "open_tokens": {"n": n_open, "precision": mean[0], "recall": mean[1], "f1": mean[2], "bleu1": mean[3]},
-            "content_types": {k[5:]: v for k, v in sorted(acc.items()) if k.startswith("type:")},
-            "missing": len(absent), "missing_qids": absent[:20]}
+            "content_types": {k[5:]: v for k, v in sorted(acc.items()) if k.startswith("type:")}}
 
 
 def _most_common(answers: Iterable[str]) -> str:

@@ -79,7 +79,6 @@ def build_tokenizer(profile: str | Profile = "tiny", path: str | Path | None = N
         # appended in BLIP's order where missing (bert-base-uncased); a BLIP VQA snapshot has them
         tokenizer.add_special_tokens({"bos_token": DEC_TOKEN, "additional_special_tokens": [ENC_TOKEN]})
         return check_blip_tokenizer(tokenizer, src)
-
     return load_local_first(load, str(path or "bert-base-uncased"), f"tokenizer of profile {prof.name!r} (--tokenizer)")
 
 
@@ -143,5 +142,4 @@ def build_model(profile: str | Profile = "tiny", tokenizer: Tokenizer | None = N
 
 
 def component_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The three components of a BLIP VQA model by the paper's names."""
     return {name: getattr(model, attr) for name, attr in COMPONENTS.items()}

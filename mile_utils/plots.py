@@ -131,7 +131,6 @@ def sample_browser(samples: Sequence[Mapping[str, Any]], by: str = "content_type
         frame = pd.DataFrame([{by: s[by], **{c: s.get(c) for c in columns}} for s in samples])
         return frame.groupby(by, sort=True).head(2).sort_values(by, kind="stable").set_index(by)
     import ipywidgets as widgets
-
     groups = {g: [s for s in samples if str(s[by]) == g] for g in sorted({str(s[by]) for s in samples})}
     choice = widgets.Dropdown(options=list(groups), description=by.replace("_", " "))
     page, caption, picture = widgets.IntSlider(min=0, max=0, description="page"), widgets.HTML(), widgets.Image()
@@ -144,7 +143,6 @@ def sample_browser(samples: Sequence[Mapping[str, Any]], by: str = "content_type
         fig.savefig(buffer := io.BytesIO(), format="png", bbox_inches="tight")
         plt.close(fig)
         caption.value, picture.value = f"{len(items)} samples with {by} = <b>{choice.value}</b>", buffer.getvalue()
-
     for widget in (choice, page):
         widget.observe(draw, names="value")
     draw()

@@ -54,7 +54,6 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (TINY, PAPER)}
 
 
 def get_profile(profile: str | Profile) -> Profile:
-    """Return the profile called ``profile`` (``tiny`` or ``paper``); a Profile passes through."""
     if isinstance(profile, Profile) or profile in PROFILES:
         return profile if isinstance(profile, Profile) else PROFILES[profile]
     raise ValueError(f"unknown profile {profile!r}: expected one of {sorted(PROFILES)}")

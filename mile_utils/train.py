@@ -123,7 +123,7 @@ class FrozenFeatures:
         # a PEFT method (prefix/ptv2 included) puts trainable parameters inside its component: never precomputed
         frozen = {k: not any(p.requires_grad for p in m.parameters()) for k, m in component_modules(model).items()}
         self.model, self.tokenizer, self.profile, self.dtype = model, tokenizer, profile, dtype
-        self.device, self.batch_size, self.computed = torch.device(device), batch_size, 0
+        self.device, self.batch_size = torch.device(device), batch_size
         self.vit_cached = enabled and frozen["vit"]
         self.jtm_cached = self.vit_cached and frozen["jtm"]
         self._images: dict[str, torch.Tensor] = {}
@@ -131,7 +131,7 @@ class FrozenFeatures:
 
     def summary(self) -> dict[str, Any]:
         size = sum(t.numel() * t.element_size() for t in [*self._images.values(), *self._questions.values()])
-        return {"vit": self.vit_cached, "jtm": self.jtm_cached, "entries_computed": self.computed, "bytes": size}
+        return {"vit": self.vit_cached, "jtm": self.jtm_cached, "bytes": size}
 
     @torch.no_grad()
     def prepare(self, dataset: Any, autocast: Callable[[], Any] = nullcontext, indices: Sequence[int] = ()) -> None:
@@ -145,7 +145,6 @@ class FrozenFeatures:
         todo = [(name, i) for name, i in first.items() if name not in self._images]
         questions = dict.fromkeys((dataset.records[i].img_name, dataset.question_text(i)) for i in indices)
         asked = [key for key in questions if key not in self._questions] if self.jtm_cached else []
-        self.computed += len(todo) + len(asked)
         self.model.eval()
         try:
             for chunk in (todo[j:j + self.batch_size] for j in range(0, len(todo), self.batch_size)):

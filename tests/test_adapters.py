@@ -212,7 +212,7 @@ def test_method_trains_only_its_parameters_changes_its_components_and_reloads(te
     for comp, method in spec.methods.items():  # a frozen one is untouched (ViT IA3 moves by ~1e-5: exact test)
         assert torch.equal(after[comp], base_out[comp]) == (method == "F"), comp
 
-    save_adapters(model, None, tmp_path)
+    save_adapters(model, tmp_path)
     saved = load_file(tmp_path / "adapter_model.safetensors")
     assert {k.split(".", 1)[0] for k in saved} == {c for c, m in spec.methods.items() if m != "F"}
     assert sum(t.numel() for t in saved.values()) == count_parameters(model)["trainable"]
@@ -262,7 +262,7 @@ def test_adalora_budget_is_allocated_and_saved(batch, tmp_path):
     assert pruned > 0
     with torch.no_grad():
         expected = _run(model, batch)["dec"]
-    save_adapters(model, None, tmp_path)
+    save_adapters(model, tmp_path)
     fresh = load_adapters(_model(), None, tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(_run(fresh, batch)["dec"], expected)
@@ -270,7 +270,7 @@ def test_adalora_budget_is_allocated_and_saved(batch, tmp_path):
 
 def test_load_rejects_mismatches(tmp_path):
     spec = AdapterSpec.parse("F/lora/lora")
-    save_adapters(apply_spec(_model(), spec), spec, tmp_path)
+    save_adapters(apply_spec(_model(), spec), tmp_path)
     with pytest.raises(ValueError, match="saved for"):
         load_adapters(_model(), AdapterSpec.parse("F/lora/lora", rank=8), tmp_path)
     with pytest.raises(ValueError, match=r"saved for .*model carries .*'ia3'"):
@@ -328,7 +328,7 @@ def test_jtm_prefix_noop_reproduces_the_reference(text, batch, base_out, tmp_pat
     _train_steps(noop, batch)
     assert all(torch.equal(p, jtm_prefix[n]) for n, p in noop.text_encoder.prefix_encoder.named_parameters())
     assert not any(torch.equal(p, dec_prefix[n]) for n, p in noop.text_decoder.prefix_encoder.named_parameters())
-    save_adapters(noop, None, tmp_path)
+    save_adapters(noop, tmp_path)
     fresh = load_adapters(_model(), None, tmp_path).eval()
     assert fresh.mile_adapter_spec.jtm_prefix_noop
     with torch.no_grad():

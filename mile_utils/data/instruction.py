@@ -83,6 +83,5 @@ def truncation_report(records: Sequence[Record], tokenizer: Any, *, formatter: I
         cut = sum(n > max_tokens for n in ns)
         return {"prompts": len(ns), "truncated": cut, "fraction": cut / len(ns) if ns else 0.0,
                 "mean_tokens": sum(ns) / len(ns) if ns else 0.0, "max_tokens_seen": max(ns, default=0)}
-
     return {"max_tokens": max_tokens, **block([n for ns in per_template.values() for n in ns]),
             "templates": {INSTRUCTION_TEMPLATES[i]: block(v) for i, v in sorted(per_template.items())}}
