@@ -119,14 +119,13 @@ def benchmark_spec(spec: str, profile: str, steps: int | None, repeats: int, bat
                 "cached": ours[-1]["cached"]}}
 
 
-def run_benchmark(profile: str = "tiny", steps: int | None = None, repeats: int | None = None,
+def run_benchmark(profile: str = "tiny", steps: int | None = None, repeats: int = 7,
                   batch_size: int | None = None, specs: Sequence[str] | None = None, device: str | None = None,
                   timeout_s: float = 3600.0, min_block_s: float = 2.0) -> dict[str, Any]:
     """Benchmark ``specs`` (default :data:`DEFAULT_SPECS`), each in a fresh process. Defaults: ``steps`` chosen per
-    spec (:func:`benchmark_spec`), ``repeats`` 7, ``batch_size`` the profile's (paper on a CPU: 2)."""
+    spec (:func:`benchmark_spec`), ``batch_size`` the profile's (paper on a CPU: 2)."""
     prof = get_profile(profile)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    repeats = repeats or 7
     batch_size = batch_size or (prof.batch_size if dev.type == "cuda" or prof.name == "tiny" else 2)
     configs, load = [], os.getloadavg()  # the machine's 1/5/15-min load: other processes slow both loops
     for spec in specs or DEFAULT_SPECS:
