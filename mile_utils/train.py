@@ -145,6 +145,8 @@ class FrozenFeatures:
         todo = [(name, i) for name, i in first.items() if name not in self._images]
         questions = dict.fromkeys((dataset.records[i].img_name, dataset.question_text(i)) for i in indices)
         asked = [key for key in questions if key not in self._questions] if self.jtm_cached else []
+        if not todo and not asked:  # the usual case inside the loop: no mode switch on every step
+            return
         self.model.eval()
         try:
             for chunk in (todo[j:j + self.batch_size] for j in range(0, len(todo), self.batch_size)):
@@ -217,9 +219,12 @@ def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *,
     epoch, which ``resume`` continues if its ``run_key`` is this one. ``train_seconds`` and ``samples``: this
     session; ``cached``: :meth:`FrozenFeatures.summary`; ``memory``: :func:`peak_memory`."""
     acc = accelerator or make_accelerator(options.grad_accum)
-    if options.batch_size % acc.num_processes or options.epochs < 1 or not len(dataset):
-        raise ValueError(f"batch_size {options.batch_size} must be divisible by the {acc.num_processes} processes, "
-                         f"epochs ({options.epochs}) at least 1, training records ({len(dataset)}) at least 1")
+    if options.batch_size % acc.num_processes:
+        raise ValueError(f"batch_size {options.batch_size} must be divisible by the {acc.num_processes} processes")
+    if options.epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {options.epochs}")
+    if not len(dataset):
+        raise ValueError("no training records")
     set_seed(options.seed)
     if options.gradient_checkpointing:
         # non-reentrant: gradients reach adapters inside checkpointed layers even when their inputs are frozen
