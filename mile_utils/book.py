@@ -24,7 +24,6 @@ from .data import load_records
 from .experiments import RunConfig, collect_results, load_results, paper_rows, pretrained_stand_in, run_grid
 from .metrics import majority_baseline, mcnemar, normalize_answer, question_only_baseline
 from .model import COMPONENTS
-from .profiles import get_profile
 
 ALPHA = 0.05  # a comparison's verdict: exact McNemar p below this
 QUESTIONS = ("open", "closed", "global")
@@ -55,8 +54,7 @@ def settings(base: RunConfig, *spec_fields: str, training: bool = True) -> pd.Da
     """The shared settings (profile defaults filled in; the data's only, unless ``training``), ``spec_fields``."""
     values = {k: getattr(base.resolved(), k) for k in SETTINGS if training or k in DATA_SETTINGS} | {
         k: getattr(base.spec, k) for k in spec_fields}
-    rates = base.method_lr if base.method_lr is not None or base.lr is not None else dict(
-        get_profile(base.profile).method_lr)
+    rates = base.method_rates()
     if training and rates:  # these methods' adapters train at their own rate, the rest at lr
         by_rate = {r: [m for m, v in rates.items() if v == r] for r in rates.values()}
         values["method_lr"] = "; ".join(f"{r:g}: {', '.join(ms)}" for r, ms in by_rate.items())

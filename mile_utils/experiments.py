@@ -14,7 +14,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
-from functools import partial
+from functools import lru_cache, partial
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -117,11 +117,15 @@ class RunConfig:
         for name in ("epochs", "batch_size", "lr", "min_lr", "weight_decay"):
             if getattr(cfg, name) is None:
                 setattr(cfg, name, getattr(prof, name))
-        if self.method_lr is None and self.lr is None:
-            cfg.method_lr = dict(prof.method_lr)
-        cfg.method_lr = {m: r for m, r in (cfg.method_lr or {}).items() if m in self.spec.methods.values()} or None
+        cfg.method_lr = {m: r for m, r in self.method_rates().items() if m in self.spec.methods.values()} or None
         cfg.out = str(cfg.out or Path("runs") / f"{self.profile}-{self.dataset}" / self.slug)
         return cfg
+
+    def method_rates(self) -> dict[str, float]:
+        """The per-method rates: as given, else the profile's table unless an explicit ``lr`` trains all at one."""
+        if self.method_lr is None and self.lr is None:
+            return dict(get_profile(self.profile).method_lr)
+        return dict(self.method_lr or {})
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "method_lr" or self.method_lr is not None}
@@ -137,6 +141,15 @@ class RunConfig:
         return run_identity(cfg, *_load_data(cfg))["key"]
 
 
+@lru_cache(maxsize=256)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a changed file is read again
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(partial(stream.read, 1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def content_id(source: str | os.PathLike[str] | None) -> str | None:
     """A local file or folder by the SHA-256 of its files' bytes (names relative to it, hidden files left out);
     anything else (a hub id) by its name."""
@@ -146,12 +159,10 @@ def content_id(source: str | os.PathLike[str] | None) -> str | None:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not any(
         part.startswith(".") for part in p.relative_to(path).parts))
     h = hashlib.sha256()
-    for f in files:  # each file by its own digest (not streamed into one hash): keys stay as runs recorded them
-        digest = hashlib.sha256()
-        with open(f, "rb") as stream:
-            for chunk in iter(partial(stream.read, 1 << 20), b""):
-                digest.update(chunk)
-        h.update(f"{f.relative_to(path) if f != path else ''}:{digest.hexdigest()}\n".encode())
+    for f in files:  # each file by its own digest (cached per process: a grid re-identifies one checkpoint often)
+        st = f.stat()
+        h.update(f"{f.relative_to(path) if f != path else ''}:{_file_digest(str(f), st.st_size, st.st_mtime_ns)}\n"
+                 .encode())
     return h.hexdigest()[:16]
 
 
