@@ -1,9 +1,10 @@
 """Benchmark, not a test: samples/s and peak memory of our loop (:func:`mile_utils.train.train_model`: frozen
 parts precomputed, trainable-only checkpoint) against a reference-style loop (as MILE/MISS: fp32, every component
-forward every step, model and optimizer saved each epoch), each configuration in a fresh process. After warm-ups
-(each loop's peak memory, one model alive) the two alternate on blocks of the same steps, so a change of machine
-load hits both alike: the speedup is the median of the paired ratios. Checkpoint and precompute costs are
-amortised over the paper's SLAKE schedule (4,919 questions, 642 images, 130 epochs)."""
+forward every step, model and optimizer saved each epoch), each configuration in a fresh process. Peak memory comes
+from warm-ups with one model alive; then the loops take turns step by step (one of ours, one of the reference), so
+a change of machine load hits both alike: a repeat's speedup is the ratio of their summed step times, the figure
+the median over repeats. Checkpoint and precompute costs are amortised over the paper's SLAKE schedule (4,919
+questions, 642 images, 130 epochs)."""
 
 from __future__ import annotations
 
@@ -52,20 +53,21 @@ def _stats(values: Sequence[float]) -> dict[str, Any]:
 
 def benchmark_spec(spec: str, profile: str, steps: int | None, repeats: int, batch_size: int, device: str,
                    min_block_s: float = 2.0) -> dict:
-    """One configuration, ours and the reference alternating (call it in a fresh process: :func:`run_benchmark`).
-    ``steps`` None: as many as make our (faster) block last ``min_block_s``, timed on a warm-up, at least 4:
-    sub-second blocks are dominated by scheduler and allocator noise."""
+    """One configuration (call it in a fresh process: :func:`run_benchmark`). ``steps`` per epoch, None: as many as
+    make our epoch last ``min_block_s``, timed on a warm-up, at least 4 (short epochs are mostly set-up)."""
     dev, prof, tokenizer = torch.device(device), get_profile(profile), build_tokenizer("tiny")  # fits every vocab
     build = lambda: apply_spec(build_model(profile, seed=0), spec, seed=0).to(dev)  # noqa: E731 (BLIP's ids fit)
     acc = make_accelerator(cpu=dev.type == "cpu")
     options = RunConfig(profile=profile, spec=spec, epochs=1, batch_size=batch_size).resolved()
+    sync = torch.cuda.synchronize if dev.type == "cuda" else lambda *_: None
     with tempfile.TemporaryDirectory(prefix="mile-bench-") as tmp:
-        def ours_epoch(model: Any, data: Any, out: str | None = tmp) -> dict:
-            run = train_model(model, tokenizer, data, options, out_dir=out, accelerator=acc, progress=False)
+        def ours_epoch(model: Any, data: Any, out: str | None = tmp, on_step: Any = None) -> dict:
+            run = train_model(model, tokenizer, data, options, out_dir=out, accelerator=acc, progress=False,
+                              on_step=on_step)
             acc.free_memory()  # the accelerator would otherwise keep every call's optimizer (and its state)
             return {**run["history"][0], "cache_s": run["cache_seconds"], "cached": run["cached"],
                     "memory": run["memory"]}
-        # warm-ups, one model alive at a time: allocators, kernels, each loop's own peak memory, the step time
+        # warm-ups, one model alive at a time: allocators, kernels, each loop's own peak memory, our step time
         model, warm_steps = build(), steps or 4
         params, warm_data = count_parameters(model), _dataset(profile, warm_steps * batch_size, "validation")
         first = ours_epoch(model, warm_data, None)
@@ -81,28 +83,36 @@ def benchmark_spec(spec: str, profile: str, steps: int | None, repeats: int, bat
         collate = VQACollator(tokenizer, prof, dataset, need_pixels=True)
         optimizer = torch.optim.AdamW([p for p in ref_model.parameters() if p.requires_grad], lr=prof.lr,
                                       weight_decay=prof.weight_decay)
-        loss_fn = VQALoss(ref_model).train()
+        loss_fn, ref_steps = VQALoss(ref_model).train(), []
 
-        def ref_block() -> dict[str, float]:
+        def ref_step() -> None:  # one reference step, timed apart from ours (whose queued GPU work ends first)
+            sync(dev)
+            start, i = time.perf_counter(), len(ref_steps) % steps
+            batch = collate(range(i * batch_size, (i + 1) * batch_size))
+            loss = loss_fn({k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            sync(dev)
+            ref_steps.append(time.perf_counter() - start)
+
+        def ref_checkpoint() -> float:
             start = time.perf_counter()
-            for i in range(steps):
-                batch = collate(range(i * batch_size, (i + 1) * batch_size))
-                loss = loss_fn({k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}).mean()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            seconds, start = time.perf_counter() - start, time.perf_counter()
             torch.save({"model": ref_model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 0},
                        Path(tmp) / "reference_checkpoint.pth")
-            return {"seconds": seconds, "checkpoint_s": time.perf_counter() - start}
+            return time.perf_counter() - start
         reset_peak_memory(dev)
-        ref_block()  # its peak memory, the epoch's checkpoint included
+        for _ in range(steps):
+            ref_step()
+        ref_checkpoint()  # the reference's peak memory includes its epoch's checkpoint
         ref_memory, model = peak_memory(dev), build()
-        ours_epoch(model, dataset)  # warm-up of this model; then the timed pairs
-        pairs = [(ours_epoch(model, dataset), ref_block()) for _ in range(repeats)]
-    ours, ref = [o for o, _ in pairs], [r for _, r in pairs]
+        ours_epoch(model, dataset, on_step=ref_step)  # warm-up of this model and of the alternation
+        ours, ref = [], []
+        for _ in range(repeats):
+            done = len(ref_steps)
+            ours.append(ours_epoch(model, dataset, on_step=ref_step))
+            ref.append({"seconds": sum(ref_steps[done:]), "checkpoint_s": ref_checkpoint()})
+            ours[-1]["seconds"] -= ref[-1]["seconds"]  # the epoch's time less the reference steps inside it
     n_images = len({r.img_name for r in dataset.records})
     ours_rates = [_rate(o["seconds"], samples, o["checkpoint_s"], o["cache_s"] / n_images if o["cached"]["vit"]
                         else 0.0) for o in ours]
@@ -136,7 +146,7 @@ def run_benchmark(profile: str = "tiny", steps: int | None = None, repeats: int 
                 configs.append(job.get(timeout=timeout_s))
             except multiprocessing.TimeoutError:
                 raise TimeoutError(f"benchmark of {spec} ({prof.name}) took over {timeout_s:.0f} s") from None
-    return {"profile": prof.name, "steps": steps or f"per spec, blocks of >= {min_block_s:g} s", "repeats": repeats,
+    return {"profile": prof.name, "steps": steps or f"per spec, epochs of >= {min_block_s:g} s", "repeats": repeats,
             "batch_size": batch_size, "device": str(dev), "amortised_over": {
                 "train_questions": SLAKE_TRAIN_QUESTIONS, "images": SLAKE_TRAIN_IMAGES, "epochs": PAPER_EPOCHS},
             "environment": environment(make_accelerator(cpu=dev.type == "cpu")),
@@ -152,5 +162,5 @@ def format_table(report: dict[str, Any]) -> str:
             "peak MiB": ours["peak_memory_bytes"] / mib, "ref MiB": ref["peak_memory_bytes"] / mib,
             "cache MiB": ours["cached"]["bytes"] / mib, "train %": c["trainable_percent"]}
     return (f"benchmark: profile {report['profile']}, device {report['device']}, batch {report['batch_size']}, "
-            f"{report['repeats']} alternating pairs of blocks, each spec in its own process\n"
+            f"{report['repeats']} repeats, the loops alternating step by step, each spec in its own process\n"
             + pd.DataFrame(rows).T.astype({"steps": int}).to_string(float_format="{:.2f}".format))

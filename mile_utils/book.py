@@ -7,7 +7,6 @@ import hashlib
 import html
 import json
 import statistics
-import subprocess
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -19,7 +18,7 @@ import seaborn as sns
 import transformers
 from IPython.display import HTML, Markdown
 
-from . import plots
+from . import __version__, plots
 from .data import load_records
 from .experiments import RunConfig, collect_results, load_results, paper_rows, pretrained_stand_in, run_grid
 from .metrics import majority_baseline, mcnemar, normalize_answer, question_only_baseline
@@ -29,7 +28,7 @@ ALPHA = 0.05  # a comparison's verdict: exact McNemar p below this
 QUESTIONS = ("open", "closed", "global")
 ROUNDING = {"trainable_pct": 3, "open": 1, "closed": 1, "global": 1, "final_loss": 3, "wall_s": 0}
 DATA_SETTINGS = ("profile", "dataset", "size", "seed")  # all that a chapter which trains nothing reads
-SETTINGS = ("profile", "dataset", "size", "epochs", "batch_size", "lr", "min_lr", "weight_decay", "seed", "eval_method")
+SETTINGS = ("profile", "dataset", "size", "epochs", "batch_size", "lr", "min_lr", "weight_decay", "seed")
 
 
 def setup(profile: str, dataset: str, data_dir: str = "", checkpoint: str = "", runs_dir: str = "../runs",
@@ -203,15 +202,10 @@ def provenance(outs: pd.Series | Sequence[str], title: str = "Provenance of thes
                 "test questions": res["data"]["eval"],
                 "run date (UTC)": f"{datetime.fromtimestamp(done, timezone.utc):%F}"} | res["environment"]).items():
             rows.setdefault(key, set()).add(str(value))
-    here = Path(__file__).parent  # this build's code, by content (sha256 of the sources) and by git commit
-    try:
-        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):  # no git
-        commit = "unknown"
-    code = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(here.rglob("*.py")))).hexdigest()[:12]
+    sources = sorted(Path(__file__).parent.rglob("*.py"))  # this build's code by content: a clone, an install
+    code = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:12]
     rows |= {"this build (UTC)": {f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M}"},
-             "code of this build": {f"sources sha256 {code}, commit {commit}"}}
+             "code of this build": {f"mile_utils {__version__}, sources sha256 {code}"}}
     verdict = ("Paper profile on a real benchmark: these numbers can be compared with the paper's."
                if rows["profile"] == {"paper"} and rows["dataset"] <= {"slake", "vqa-rad"} else
                "These runs use the small <code>tiny</code> profile and/or the built-in dataset: they show how the "

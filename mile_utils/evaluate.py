@@ -1,5 +1,5 @@
-"""One evaluation path for every method: beam-search generation (the reference's) or BLIP's answer ranking, to
-``predictions.jsonl`` and the metrics. Generation is MISS's (MILE ``models/mile_vqa.py``, transformers 4.26: 3
+"""One evaluation path for every method: beam-search generation (the reference's), to ``predictions.jsonl`` and
+the metrics. Generation is MISS's (MILE ``models/mile_vqa.py``, transformers 4.26: 3
 beams, ``max_length`` 10 counting [DEC], ``min_length`` 1, [SEP] ends) but for (1) the question mask: MISS passes
 all ones to ``generate`` (beams attend to question padding), we pass the real mask, as training does
 (``reference_quirk=True``: all ones); (2) a beam cut at ``max_length`` is normalised by 9 tokens here, 10 there
@@ -9,7 +9,6 @@ score the same."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -22,22 +21,18 @@ from .files import atomic_write
 from .metrics import compute_metrics
 from .model import component_modules
 from .profiles import Profile, get_profile
-from .train import FrozenFeatures, VQACollator, answer_loss, decoder_logits, encode_answers, question_states
+from .train import FrozenFeatures, VQACollator, question_states
 
 
 def evaluate_model(model: nn.Module, tokenizer: Any, profile: str | Profile, dataset: Any, *,
-                   out_dir: str | Path | None = None, method: str = "generate",
-                   candidates: Sequence[str] | None = None, batch_size: int = 32,
-                   device: torch.device | str | None = None, autocast: Any = None, dtype: torch.dtype = torch.float32,
-                   use_cache: bool = True, label_smoothing: float = 0.1, reference_quirk: bool = False,
-                   progress: bool = True) -> dict[str, Any]:
-    """Predict an answer for every record of ``dataset`` (a ``VQADataset``) and score: ``method="generate"`` the
-    reference's beam search, ``"rank"`` BLIP's ranking over ``candidates`` (e.g. the training answers).
-    ``autocast``/``dtype``: the training run's (frozen outputs kept in the dtype the next layer consumes).
+                   out_dir: str | Path | None = None, batch_size: int = 32, device: torch.device | str | None = None,
+                   autocast: Any = None, dtype: torch.dtype = torch.float32, use_cache: bool = True,
+                   reference_quirk: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Generate an answer for every record of ``dataset`` (a ``VQADataset``) by the reference's beam search, and
+    score. ``autocast``/``dtype``: the training run's (frozen outputs kept in the dtype the next layer consumes).
     Returns ``{"metrics", "predictions", "cache"}``; with ``out_dir`` also ``out_dir/predictions.jsonl``."""
-    if method not in ("generate", "rank") or (method == "rank" and not candidates) or len(dataset) == 0:
-        raise ValueError(f"evaluate_model: method {method!r} (expected 'generate', or 'rank' with a non-empty "
-                         f"candidates list) on {len(dataset)} records (expected some)")
+    if len(dataset) == 0:
+        raise ValueError("evaluate_model: the evaluation set has no records")
     prof, device, autocast = get_profile(profile), device or next(model.parameters()).device, autocast or nullcontext
     was_training = model.training
     model.eval()
@@ -45,9 +40,6 @@ def evaluate_model(model: nn.Module, tokenizer: Any, profile: str | Profile, dat
                               batch_size=batch_size)
     features.prepare(dataset, autocast)
     collator = VQACollator(tokenizer, prof, dataset, need_pixels=not features.vit_cached)
-    if method == "rank":
-        cands = list(dict.fromkeys(candidates))
-        ans_ids, ans_mask, labels = (t.to(device) for t in encode_answers(tokenizer, cands, prof.max_answer_tokens))
     predictions: list[str] = []
     questions: list[str] = []
     for start in tqdm(range(0, len(dataset), batch_size), desc="evaluate", leave=False, disable=not progress):
@@ -55,27 +47,15 @@ def evaluate_model(model: nn.Module, tokenizer: Any, profile: str | Profile, dat
         batch = features.attach({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}, dataset,
                                 autocast)
         questions.extend(batch["questions"])
-        with autocast(), torch.no_grad():
+        with autocast(), torch.no_grad():  # beam search from [DEC], as the reference
             states, qmask = question_states(model, batch), batch["attention_mask"]
-            if method == "generate":  # beam search from [DEC], as the reference
-                bos = torch.full((states.shape[0], 1), tokenizer.bos_token_id, dtype=torch.long, device=states.device)
-                out = component_modules(model)["dec"].generate(
-                    input_ids=bos, encoder_hidden_states=states, num_beams=prof.num_beams,
-                    encoder_attention_mask=torch.ones_like(qmask) if reference_quirk else qmask,
-                    max_length=prof.max_answer_length, min_length=prof.min_answer_length,
-                    eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False)
-                predictions.extend(s.strip() for s in tokenizer.batch_decode(out, skip_special_tokens=True))
-                continue
-            # BLIP's rank_answer: keep the k candidates whose first token is likeliest after [DEC], then pick the
-            # one with the lowest answer loss (as in training, label smoothing included, as BLIP does)
-            n_q, k = states.shape[0], min(128, len(cands))
-            first = decoder_logits(model, states, qmask, *(t[:1, :1].expand(n_q, 1) for t in (ans_ids, ans_mask)))
-            top_ids = first[:, 0].float().softmax(-1).index_select(1, ans_ids[:, 1]).topk(k, dim=1).indices
-            flat = top_ids.reshape(-1)
-            logits = decoder_logits(model, states.repeat_interleave(k, 0), qmask.repeat_interleave(k, 0),
-                                    ans_ids[flat], ans_mask[flat])
-            loss = answer_loss(logits, labels[flat], label_smoothing, "sum").view(n_q, k)
-            predictions.extend(cands[i] for i in top_ids.gather(1, loss.argmin(1, keepdim=True)).squeeze(1).tolist())
+            bos = torch.full((states.shape[0], 1), tokenizer.bos_token_id, dtype=torch.long, device=states.device)
+            out = component_modules(model)["dec"].generate(
+                input_ids=bos, encoder_hidden_states=states, num_beams=prof.num_beams,
+                encoder_attention_mask=torch.ones_like(qmask) if reference_quirk else qmask,
+                max_length=prof.max_answer_length, min_length=prof.min_answer_length,
+                eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False)
+        predictions.extend(s.strip() for s in tokenizer.batch_decode(out, skip_special_tokens=True))
     model.train(was_training)
     rows = [{"qid": r.qid, "question": q, "answer": r.answer, "prediction": p, "answer_type": r.answer_type,
              "content_type": r.content_type} for r, q, p in zip(dataset.records, questions, predictions, strict=True)]

@@ -74,11 +74,8 @@ class RunConfig:
     eval_split: str = _opt("test", "evaluation split")
     max_train_samples: int | None = _opt(None, "keep a seeded random subset of the training records")
     max_eval_samples: int | None = _opt(None, "keep a seeded random subset of the evaluation records")
-    eval_method: str = _opt("generate", "beam search (the reference) or BLIP's ranking over the training answers",
-                            choices=("generate", "rank"))
     eval_batch_size: int | None = _opt(None, "evaluation batch (default 64)")
     label_smoothing: float = _opt(0.1, "label smoothing of the answer loss")
-    loss_reduction: str = _opt("sum", "over answer tokens: sum (BLIP/MISS) or mean", choices=("sum", "mean"))
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass")
     use_cache: bool = _opt(True, "precompute frozen components once per run, in eval mode (no: every step, as MISS)")
     reference_quirk: bool = _opt(False, "the reference code's image scaling and generation question mask")
@@ -260,10 +257,9 @@ def run_experiment(config: RunConfig, resume: bool = False, *, skip_finished: bo
         eval_start = time.perf_counter()
         evaluated = evaluate_model(
             model, tokenizer, prof, VQADataset(eval_records, transform, train=False, seed=cfg.seed), out_dir=out,
-            method=cfg.eval_method, candidates=sorted({r.answer for r in train_records}),
             batch_size=cfg.eval_batch_size or 64, device=acc.device, autocast=acc.autocast, use_cache=cfg.use_cache,
             dtype=torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32,
-            label_smoothing=cfg.label_smoothing, reference_quirk=cfg.reference_quirk, progress=progress)
+            reference_quirk=cfg.reference_quirk, progress=progress)
         eval_s, train_s = time.perf_counter() - eval_start, trained["train_seconds"]
         save_adapters(model, out / WEIGHTS_DIR)
         write_json(out / RESULTS_NAME, {

@@ -91,27 +91,26 @@ def decoder_logits(model: nn.Module, states: torch.Tensor, question_mask: torch.
                                            encoder_hidden_states=states, encoder_attention_mask=question_mask).logits
 
 
-def answer_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1,
-                reduction: str = "sum") -> torch.Tensor:
-    """Per-answer loss: next-token cross-entropy, label smoothing, ``sum`` (BLIP) or ``mean`` over tokens."""
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
+    """Per-answer loss: next-token cross-entropy with label smoothing, summed over the answer's tokens (BLIP)."""
     shifted = logits[:, :-1].float()  # fp32 softmax: bf16 logits lose the small smoothing terms
     target = labels[:, 1:]
     tok = F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), target.reshape(-1), ignore_index=-100,
                           label_smoothing=label_smoothing, reduction="none").view(target.shape)
-    return tok.sum(1) if reduction == "sum" else tok.sum(1) / (target != -100).sum(1).clamp(min=1)
+    return tok.sum(1)
 
 
 class VQALoss(nn.Module):
     """The whole training forward as one module, so DDP (which hooks ``forward``) synchronises gradients."""
 
-    def __init__(self, model: nn.Module, label_smoothing: float = 0.1, reduction: str = "sum") -> None:
+    def __init__(self, model: nn.Module, label_smoothing: float = 0.1) -> None:
         super().__init__()
-        self.model, self.label_smoothing, self.reduction = model, label_smoothing, reduction
+        self.model, self.label_smoothing = model, label_smoothing
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         logits = decoder_logits(self.model, question_states(self.model, batch), batch["attention_mask"],
                                 batch["answer_ids"], batch["answer_mask"])
-        return answer_loss(logits, batch["labels"], self.label_smoothing, self.reduction)
+        return answer_loss(logits, batch["labels"], self.label_smoothing)
 
 
 class FrozenFeatures:
@@ -214,10 +213,11 @@ def make_accelerator(grad_accum: int = 1, mixed_precision: str | None = None, cp
 
 def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *, out_dir: str | Path | None = None,
                 resume: bool = False, run_key: str = "", accelerator: Accelerator | None = None,
-                progress: bool = True) -> dict:
+                progress: bool = True, on_step: Callable[[], Any] | None = None) -> dict:
     """Train ``model`` in place with ``options`` (a resolved ``RunConfig``); with ``out_dir`` a checkpoint each
     epoch, which ``resume`` continues if its ``run_key`` is this one. ``train_seconds`` and ``samples``: this
-    session; ``cached``: :meth:`FrozenFeatures.summary`; ``memory``: :func:`peak_memory`."""
+    session; ``cached``: :meth:`FrozenFeatures.summary`; ``memory``: :func:`peak_memory`. ``on_step()`` runs after
+    each step (the benchmark times a reference-loop step there)."""
     acc = accelerator or make_accelerator(options.grad_accum)
     if options.batch_size % acc.num_processes:
         raise ValueError(f"batch_size {options.batch_size} must be divisible by the {acc.num_processes} processes")
@@ -240,7 +240,7 @@ def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *,
         groups[method_of.get(name.split(".", 1)[0])].append(p)
     optimizer = torch.optim.AdamW([{"params": ps, "method": m, "lr": method_lr[m] if m else options.lr}
                                    for m, ps in groups.items()], lr=options.lr, weight_decay=options.weight_decay,
-                                  foreach=True)  # foreach: same numbers, faster
+                                  fused=True)  # one kernel per step: ~3x foreach's speed on a CPU
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=options.epochs, eta_min=options.min_lr)
     model.to(acc.device)
     prof = get_profile(options.profile)
@@ -251,8 +251,7 @@ def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *,
     loader = DataLoader(range(len(order)), batch_sampler=BatchSampler(order, options.batch_size, False),
                         collate_fn=VQACollator(tokenizer, prof, dataset, need_pixels=not features.vit_cached),
                         num_workers=options.num_workers)
-    step_module, optimizer, loader = acc.prepare(VQALoss(model, options.label_smoothing, options.loss_reduction),
-                                                 optimizer, loader)
+    step_module, optimizer, loader = acc.prepare(VQALoss(model, options.label_smoothing), optimizer, loader)
     result: dict[str, Any] = {"history": [], "resumed_from_epoch": None, "samples": 0}
     ckpt = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
     if resume and ckpt is not None and ckpt.exists():
@@ -315,6 +314,8 @@ def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *,
             seen += real
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+            if on_step is not None:
+                on_step()
         scheduler.step()
         total = acc.reduce(torch.tensor([loss_sum.item(), seen], device=acc.device, dtype=torch.float64), "sum")
         result["samples"] += int(total[1])
