@@ -39,12 +39,12 @@ def _add_fields(p: argparse.ArgumentParser, cls: type, *only: str) -> None:
         p.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
-def _spec(args: argparse.Namespace) -> AdapterSpec:
-    return AdapterSpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AdapterSpec)})
+def _values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name != "spec"}
 
 
 def cmd_params(args: argparse.Namespace) -> tuple[Any, str]:
-    spec = _spec(args)
+    spec = AdapterSpec(**_values(args, AdapterSpec))
     r = parameter_report(spec, profile=args.profile)
     rows = [f"  {name:4s} {c['method']:7s} trainable {c['trainable']:>12,}  total {c['total']:>12,}"
             for name, c in r["components"].items()]
@@ -59,8 +59,7 @@ def cmd_data(args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def cmd_train(args: argparse.Namespace) -> tuple[Any, str] | None:
-    config = RunConfig(spec=_spec(args), **{f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
-                                             if f.name != "spec"})
+    config = RunConfig(spec=AdapterSpec(**_values(args, AdapterSpec)), **_values(args, RunConfig))
     if args.no_progress:  # also transformers' own bars (e.g. "Loading weights" of a checkpoint folder)
         logging.disable_progress_bar()
     results = experiments.run_experiment(config, resume=args.resume, keep_checkpoint=args.keep_checkpoint,

@@ -104,8 +104,7 @@ class AdapterSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdapterSpec:
-        known = {f.name for f in fields(cls)}
-        if not isinstance(data, dict) or set(data) - known:
+        if not isinstance(data, dict) or set(data) - (known := {f.name for f in fields(cls)}):
             raise ValueError(f"AdapterSpec.from_dict: expected a dict with some of {sorted(known)}, got {data!r}")
         return cls(**data)
 
@@ -211,11 +210,10 @@ def apply_spec(model: nn.Module, spec: AdapterSpec | str, *, seed: int | None = 
                 if method == "qlora":
                     _quantize_4bit(component, comp)
                 config = _peft_config(spec, comp, component)
-                meta = next(component.parameters()).device.type == "meta"
                 # what peft.inject_adapter_in_model does, keeping the tuner: VeRA's shared projections and
                 # AdaLoRA's rank allocator live on it (inject refuses VeRA for that reason)
-                tuner = peft.PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type](component, config, "default",
-                                                                     low_cpu_mem_usage=meta)
+                tuner = peft.PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type](
+                    component, config, "default", low_cpu_mem_usage=next(component.parameters()).is_meta)
                 object.__setattr__(component, TUNER_ATTR, tuner)  # not a submodule: it holds the component
                 for ranknum in (p for n, p in component.named_parameters() if n.endswith(".ranknum.default")):
                     ranknum.requires_grad_(False)  # AdaLoRA's constant rank, left trainable by peft on meta only
@@ -240,15 +238,13 @@ def count_parameters(model: nn.Module) -> dict[str, Any]:
     """Trainable and total parameters of an adapted model, whole and per component (tied ones once); ``adapter``:
     what the method added and trains (a no-op JTM prefix included, as the reference counted it)."""
 
-    def count(module: nn.Module) -> tuple[int, int]:
+    def count(module: nn.Module) -> dict[str, int]:
         params = list(module.parameters())
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-    (trainable, total), components = count(model), {}
-    for comp, method in _carried(model, "count_parameters").methods.items():
-        n_trainable, n_total = count(getattr(model, COMPONENTS[comp]))
-        components[comp] = {"method": method, "trainable": n_trainable, "total": n_total,
-                            "adapter": 0 if method in ("F", "T") else n_trainable}
-    return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / total, "components": components}
+        return {"trainable": sum(p.numel() for p in params if p.requires_grad), "total": sum(p.numel() for p in params)}
+    components = {comp: {"method": method, **(c := count(getattr(model, COMPONENTS[comp]))),
+                         "adapter": 0 if method in ("F", "T") else c["trainable"]}
+                  for comp, method in _carried(model, "count_parameters").methods.items()}
+    return {**(whole := count(model)), "percent": 100.0 * whole["trainable"] / whole["total"], "components": components}
 
 
 def parameter_report(spec: AdapterSpec | str, profile: str | Profile = "paper") -> dict[str, Any]:
@@ -276,8 +272,7 @@ def _trainable_state(model: nn.Module, spec: AdapterSpec) -> dict[str, torch.Ten
 
 
 def save_adapters(model: nn.Module, directory: str | Path) -> Path:
-    """Write ``dir/adapter_model.safetensors`` (the trainable tensors, keys ``<comp>.<key>``) and
-    ``dir/adapter_spec.json`` (the spec the model carries); return ``directory``."""
+    """Write the trainable tensors (keys ``<comp>.<key>``) and the model's spec into ``directory``; return it."""
     carried, root = _carried(model, "save_adapters"), Path(directory)
     state = {k: t.detach().contiguous() for k, t in _trainable_state(model, carried).items()}
     atomic_write(root / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"spec": str(carried)}))

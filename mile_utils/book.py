@@ -43,9 +43,8 @@ def setup(profile: str, dataset: str, data_dir: str = "", checkpoint: str = "", 
     if stand_in and profile == "tiny" and not checkpoint:
         checkpoint = pretrained_stand_in(runs_dir, seed=seed, data_seed=seed, size=size, progress=progress)
     source = {"path": data_dir} if data_dir and Path(data_dir).is_file() else {"root": data_dir or None}
-    base = RunConfig(profile=profile, dataset=dataset, size=size if dataset == "synthetic" else None,
-                     epochs=epochs, batch_size=batch_size, seed=seed, data_seed=seed,
-                     checkpoint=checkpoint or None, **source)
+    base = RunConfig(profile=profile, dataset=dataset, size=size if dataset == "synthetic" else None, epochs=epochs,
+                     batch_size=batch_size, seed=seed, data_seed=seed, checkpoint=checkpoint or None, **source)
     return base, Path(runs_dir) / f"{profile}-{dataset}"
 
 

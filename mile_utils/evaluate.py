@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -28,9 +29,8 @@ def evaluate_model(model: nn.Module, tokenizer: Any, profile: str | Profile, dat
                    out_dir: str | Path | None = None, batch_size: int = 32, device: torch.device | str | None = None,
                    autocast: Any = None, dtype: torch.dtype = torch.float32, use_cache: bool = True,
                    reference_quirk: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Generate an answer for every record of ``dataset`` (a ``VQADataset``) by the reference's beam search, and
-    score. ``autocast``/``dtype``: the training run's (frozen outputs kept in the dtype the next layer consumes).
-    Returns ``{"metrics", "predictions", "cache"}``; with ``out_dir`` also ``out_dir/predictions.jsonl``."""
+    """Answer every record of ``dataset`` (a ``VQADataset``) by beam search and score: ``{"metrics", "predictions",
+    "cache"}``, and ``out_dir/predictions.jsonl``. ``autocast``/``dtype``: the training run's."""
     if len(dataset) == 0:
         raise ValueError("evaluate_model: the evaluation set has no records")
     prof, device, autocast = get_profile(profile), device or next(model.parameters()).device, autocast or nullcontext
@@ -41,12 +41,9 @@ def evaluate_model(model: nn.Module, tokenizer: Any, profile: str | Profile, dat
     features.prepare(dataset, autocast)
     collator = VQACollator(tokenizer, prof, dataset, need_pixels=not features.vit_cached)
     predictions: list[str] = []
-    questions: list[str] = []
     for start in tqdm(range(0, len(dataset), batch_size), desc="evaluate", leave=False, disable=not progress):
-        batch = collator(range(start, min(start + batch_size, len(dataset))))
-        batch = features.attach({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}, dataset,
-                                autocast)
-        questions.extend(batch["questions"])
+        batch = send_to_device(collator(range(start, min(start + batch_size, len(dataset)))), device)
+        batch = features.attach(batch, dataset, autocast)
         with autocast(), torch.no_grad():  # beam search from [DEC], as the reference
             states, qmask = question_states(model, batch), batch["attention_mask"]
             bos = torch.full((states.shape[0], 1), tokenizer.bos_token_id, dtype=torch.long, device=states.device)
@@ -57,8 +54,8 @@ def evaluate_model(model: nn.Module, tokenizer: Any, profile: str | Profile, dat
                 eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False)
         predictions.extend(s.strip() for s in tokenizer.batch_decode(out, skip_special_tokens=True))
     model.train(was_training)
-    rows = [{"qid": r.qid, "question": q, "answer": r.answer, "prediction": p, "answer_type": r.answer_type,
-             "content_type": r.content_type} for r, q, p in zip(dataset.records, questions, predictions, strict=True)]
+    rows = [{"qid": r.qid, "question": dataset.question_text(i), "answer": r.answer, "prediction": predictions[i],
+             "answer_type": r.answer_type, "content_type": r.content_type} for i, r in enumerate(dataset.records)]
     if out_dir is not None:  # the question is the text the model saw (an instruction prompt, if any)
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         atomic_write(Path(out_dir) / "predictions.jsonl", lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -59,9 +59,8 @@ class RunConfig:
     epochs: int | None = _opt(None, "default: the profile's")
     batch_size: int | None = _opt(None, "global batch (default: the profile's)")
     lr: float | None = _opt(None, "initial learning rate (default: the profile's); given alone, all parts train at it")
-    method_lr: dict[str, float] | str | None = _opt(
-        None, "initial lr of a method's adapter parameters, e.g. ia3=1e-2,ptv2=3e-2 (default: the profile's table, "
-        "unless --lr is given)")
+    method_lr: dict[str, float] | str | None = _opt(None, "initial lr of a method's adapter parameters, e.g. "
+                                                    "ia3=1e-2,ptv2=3e-2 (default: the profile's table, unless --lr)")
     min_lr: float | None = _opt(None, "cosine schedule's floor (default: the profile's)")
     weight_decay: float | None = _opt(None, "AdamW weight decay (default: the profile's)")
     seed: int = _opt(0, "initialisation and training seed")
@@ -110,13 +109,11 @@ class RunConfig:
     def resolved(self) -> RunConfig:
         """A copy with the profile's defaults filled in and ``out`` set; ``method_lr`` keeps the rates of the spec's
         methods only (None when none acts, so runs without them keep their identity)."""
-        prof, cfg = get_profile(self.profile), replace(self)
-        for name in ("epochs", "batch_size", "lr", "min_lr", "weight_decay"):
-            if getattr(cfg, name) is None:
-                setattr(cfg, name, getattr(prof, name))
-        cfg.method_lr = {m: r for m, r in self.method_rates().items() if m in self.spec.methods.values()} or None
-        cfg.out = str(cfg.out or Path("runs") / f"{self.profile}-{self.dataset}" / self.slug)
-        return cfg
+        prof, used = get_profile(self.profile), self.spec.methods.values()
+        defaults = {name: getattr(prof, name) for name in ("epochs", "batch_size", "lr", "min_lr", "weight_decay")
+                    if getattr(self, name) is None}
+        return replace(self, **defaults, method_lr={m: r for m, r in self.method_rates().items() if m in used} or None,
+                       out=str(self.out or Path("runs") / f"{self.profile}-{self.dataset}" / self.slug))
 
     def method_rates(self) -> dict[str, float]:
         """The per-method rates: as given, else the profile's table unless an explicit ``lr`` trains all at one."""
@@ -150,8 +147,7 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:  # size and mtime:
 def content_id(source: str | os.PathLike[str] | None) -> str | None:
     """A local file or folder by the SHA-256 of its files' bytes (names relative to it, hidden files left out);
     anything else (a hub id) by its name."""
-    path = Path(source).expanduser() if source is not None else None
-    if path is None or not path.exists():
+    if source is None or not (path := Path(source).expanduser()).exists():
         return None if source is None else str(source)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not any(
         part.startswith(".") for part in p.relative_to(path).parts))
@@ -186,8 +182,7 @@ def run_identity(cfg: RunConfig, train_records: Sequence[Any], eval_records: Seq
 
 def load_results(out: str | Path) -> dict[str, Any] | None:
     """The ``results.json`` of a run folder (``config.out`` set to where it lies now), or None if unfinished."""
-    path = Path(out) / RESULTS_NAME
-    if not path.is_file():
+    if not (path := Path(out) / RESULTS_NAME).is_file():
         return None
     results = json.loads(path.read_text(encoding="utf-8"))
     results["config"]["out"] = str(out)
@@ -227,9 +222,9 @@ def build_run(cfg: RunConfig) -> tuple[Any, Any]:
 
 def run_experiment(config: RunConfig, resume: bool = False, *, skip_finished: bool = False,
                    keep_checkpoint: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train and evaluate ``config``; write ``out/results.json``, ``out/predictions.jsonl``, ``out/weights``.
-    ``resume`` continues from ``out/checkpoint.pt`` (written after each epoch, deleted at the end unless
-    ``keep_checkpoint``); with ``resume`` or ``skip_finished`` a finished run of the same identity is returned."""
+    """Train and evaluate ``config`` into ``out/`` (results.json, predictions.jsonl, weights). ``resume`` continues
+    from the checkpoint of each epoch (deleted at the end unless ``keep_checkpoint``); with it or ``skip_finished``
+    a finished run of the same identity is returned."""
     cfg = config.resolved()
     out = Path(cfg.out)
     wall_start = time.perf_counter()
@@ -247,8 +242,7 @@ def run_experiment(config: RunConfig, resume: bool = False, *, skip_finished: bo
     if "adalora" in cfg.spec.methods.values():  # its rank budget schedule spans the run's optimiser steps
         steps = cfg.epochs * -(-len(train_records) // cfg.batch_size) // cfg.grad_accum
         cfg.spec = replace(cfg.spec, total_step=max(1, steps))
-    prof = get_profile(cfg.profile)
-    transform = ImageTransform(prof.image_size, reference_quirk=cfg.reference_quirk)
+    transform = ImageTransform(get_profile(cfg.profile).image_size, reference_quirk=cfg.reference_quirk)
     acc = make_accelerator(cfg.grad_accum, cfg.mixed_precision)
     tokenizer, model = build_run(cfg)
     trained = train_model(model, tokenizer, VQADataset(train_records, transform, train=True, seed=cfg.seed), cfg,
@@ -256,7 +250,7 @@ def run_experiment(config: RunConfig, resume: bool = False, *, skip_finished: bo
     if acc.is_main_process:
         eval_start = time.perf_counter()
         evaluated = evaluate_model(
-            model, tokenizer, prof, VQADataset(eval_records, transform, train=False, seed=cfg.seed), out_dir=out,
+            model, tokenizer, cfg.profile, VQADataset(eval_records, transform, train=False, seed=cfg.seed), out_dir=out,
             batch_size=cfg.eval_batch_size or 64, device=acc.device, autocast=acc.autocast, use_cache=cfg.use_cache,
             dtype=torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32,
             reference_quirk=cfg.reference_quirk, progress=progress)
@@ -286,8 +280,7 @@ def results_row(results: dict[str, Any]) -> dict[str, Any]:
     """One flat table row of a run's results (what the grid table and the book's comparisons show)."""
     cfg, m, p, spec = results["config"], results["metrics"], results["params"], results["config"]["spec"]
     return {
-        "spec": cfg.get("spec_str") or f"{spec['vit']}/{spec['jtm']}/{spec['dec']}",
-        "vit": spec["vit"], "jtm": spec["jtm"], "dec": spec["dec"],
+        "spec": cfg["spec_str"], "vit": spec["vit"], "jtm": spec["jtm"], "dec": spec["dec"],
         # the rank means something only where a ranked method (LoRA, ...) is used; elsewhere it is left empty
         "rank": spec.get("rank") if any(spec[c] in RANKED for c in ("vit", "jtm", "dec")) else None,
         "profile": cfg["profile"], "dataset": cfg["dataset"], "epochs": cfg["epochs"], "seed": cfg["seed"],
@@ -334,13 +327,11 @@ def paper_grid(base: RunConfig | None = None, *, table: int | None = None, inclu
     if table not in (None, 1, 2, 3, 4):
         raise ValueError(f"table {table!r}: the paper's grid has Tables 1-4")
     root = Path(out_root) if out_root is not None else Path("runs") / f"{base.profile}-{base.dataset}"
-    configs = []
-    for row in paper_rows(include_full):
-        if (specs is None or row["spec"] in specs) and (table is None or row["table"] == table):
-            cfg = replace(base, spec=replace(base.spec, **AdapterSpec.parse(row["spec"]).methods,
-                                             rank=row["rank"] or base.spec.rank))
-            configs.append(replace(cfg, out=str(root / cfg.slug)))
-    return configs
+    rows = [r for r in paper_rows(include_full)
+            if (specs is None or r["spec"] in specs) and (table is None or r["table"] == table)]
+    configs = [replace(base, spec=replace(base.spec, **AdapterSpec.parse(r["spec"]).methods,
+                                          rank=r["rank"] or base.spec.rank)) for r in rows]
+    return [replace(cfg, out=str(root / cfg.slug)) for cfg in configs]
 
 
 def trained_model(config: RunConfig) -> tuple[Any, Any]:
@@ -361,10 +352,9 @@ def export_model(config: RunConfig, dest: str | Path) -> Path:
 
 def pretrained_stand_in(runs_dir: str | Path, *, seed: int = 0, data_seed: int = 0, size: str | int = "full",
                         progress: bool = True) -> str:
-    """The tiny chapters' stand-in for pretrained MISS (a frozen random ViT would say nothing about freezing): T/T/T
-    trained once in ``runs_dir/tiny-pretrained`` on the built-in set's ``pretraining`` variant, shifted as MISS's
-    pretraining data are from SLAKE (other scans and questions, some open question families never asked; a named
-    ``size`` takes its 700 images). Returns the exported model's folder, named by the run's identity."""
+    """The tiny chapters' stand-in for pretrained MISS (a frozen random ViT says nothing about freezing): T/T/T trained
+    on the built-in set's ``pretraining`` variant (other scans, some open question families never asked, as MISS's
+    pretraining data differ from SLAKE); returns the exported model's folder, named by the run's identity."""
     root = Path(runs_dir) / "tiny-pretrained"
     images = "full" if str(size) in ("small", "full") else size
     cfg = RunConfig(profile="tiny", dataset="synthetic", spec="T/T/T", size=f"pretraining:{images}", seed=seed,

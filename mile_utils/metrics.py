@@ -43,14 +43,13 @@ def _token_scores(pred: str, gold: str) -> tuple[float, ...]:
 
 
 def _yes_no_prf(gold: list[str], pred: list[str]) -> dict[str, Any]:
-    """P/R/F1 with "yes" positive over yes/no gold answers (scikit-learn); other predictions are just wrong."""
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+    """P/R/F1 with "yes" positive over yes/no gold answers, from scikit-learn's confusion matrix; other predictions
+    are just wrong. F1 is the harmonic mean of P and R (scikit-learn's own formula rounds the last digit otherwise)."""
+    from sklearn.metrics import confusion_matrix
     labels, pred = ["yes", "no", "other"], [p if p in ("yes", "no") else "other" for p in pred]
     matrix = confusion_matrix(gold, pred, labels=labels)[:2].tolist() if gold else [[0] * 3, [0] * 3]
-    p, r = (float(v[0]) for v in precision_recall_fscore_support(gold, pred, labels=["yes"], zero_division=0)[:2]) \
-        if gold else (0.0, 0.0)
     (tp, fn_no, fn_other), (fp, tn, _) = matrix
-    # F1 as the harmonic mean of P and R (scikit-learn's own F1 formula rounds the last digit differently)
+    p, r = tp / (tp + fp) if tp + fp else 0.0, tp / (tp + fn_no + fn_other) if tp + fn_no + fn_other else 0.0
     return {"precision": 100 * p, "recall": 100 * r, "f1": 100 * (2 * p * r / (p + r)) if p + r else 0.0,
             "n": len(gold), "tp": tp, "fp": fp, "fn": fn_no + fn_other, "tn": tn,
             "confusion": {"gold": labels[:2], "predicted": labels, "matrix": matrix}}

@@ -123,9 +123,8 @@ def build_model(profile: str | Profile = "tiny", tokenizer: Tokenizer | None = N
     # (1e-5, std 1e-10) would leave a randomly initialised ViT with near-zero weights that barely learn
     vision = dict(hidden_size=prof.vit_hidden, intermediate_size=prof.vit_mlp, num_hidden_layers=prof.vit_layers,
                   num_attention_heads=prof.vit_heads, image_size=prof.image_size, patch_size=prof.patch_size,
-                  layer_norm_eps=1e-6, initializer_range=0.02)
+                  layer_norm_eps=1e-6, initializer_range=0.02, drop_path_rate=prof.vit_drop_path)  # ours: a hook
     config = BlipConfig(text_config=text, vision_config=vision)
-    config.vision_config.drop_path_rate = prof.vit_drop_path  # recorded in the config (transformers has none)
     config._attn_implementation = "eager"  # BLIP computes attention explicitly: masks stay additive, as there
     if seed is not None and str(device) != "meta":
         torch.manual_seed(seed)

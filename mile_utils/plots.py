@@ -17,10 +17,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 # one colour per adaptation, the same in every chapter; chapter 10's newer methods: tab10 less the paper's colours
-METHOD_PALETTE = {"F": "#9e9e9e", "T": "#3b3b98", "lora": "#e15759", "prefix": "#59a14f", "ia3": "#f28e2b",
-                  "ptv2": "#76b7b2"}
-NEWER_PALETTE = {"dora": "#1f77b4", "vera": "#9467bd", "loha": "#8c564b", "lokr": "#e377c2", "adalora": "#17becf",
-                 "oft": "#bcbd22", "ln": "#000000"}  # LN tuning black
+PALETTE = {"F": "#9e9e9e", "T": "#3b3b98", "lora": "#e15759", "prefix": "#59a14f", "ia3": "#f28e2b", "ptv2": "#76b7b2",
+           "dora": "#1f77b4", "vera": "#9467bd", "loha": "#8c564b", "lokr": "#e377c2", "adalora": "#17becf",
+           "oft": "#bcbd22", "ln": "#000000"}
 SPEC_LABEL = "configuration (ViT / JTM / decoder)"
 
 
@@ -36,8 +35,7 @@ def sample_grid(samples: Sequence[Mapping[str, Any]], ncols: int = 4) -> Figure:
         ax.imshow(sample["image"], cmap="gray")  # a PIL image or an (H, W[, 3]) array
         lines = textwrap.wrap(f"Q: {sample['question']}", 30)[:3] + [f"A: {sample['answer']}"] + (
             [f"predicted: {sample['prediction']}"] if "prediction" in sample else [])
-        ax.set_title(" · ".join(str(sample[k]) for k in ("content_type", "answer_type") if sample.get(k)),
-                     fontsize=9)
+        ax.set_title(" · ".join(str(sample[k]) for k in ("content_type", "answer_type") if sample.get(k)), fontsize=9)
         ax.text(0.0, -0.04, "\n".join(lines), transform=ax.transAxes, va="top", ha="left", fontsize=9)
     fig.tight_layout()
     return fig
@@ -79,9 +77,8 @@ def accuracy_bars(table: pd.DataFrame, label: str = "run", metrics: Sequence[str
         err = np.abs([acc - part[m + "_low"].to_numpy(float), part[m + "_high"].to_numpy(float) - acc])
         ax.barh(y, acc, height, xerr=err, color=colour, label=name, error_kw={"lw": 1, "capsize": 2})
     ax.set_yticks(range(len(rows)), rows)
-    ax.set_ylim(len(rows) - 0.5, -0.5)  # first row on top
+    ax.set(xlim=(0, 100), ylim=(len(rows) - 0.5, -0.5))  # first row on top
     _floor_lines(ax, floors)
-    ax.set_xlim(0, 100)
     return _finish(ax, "accuracy (%), 95% interval", SPEC_LABEL if label in ("run", "spec") else label, title,
                    hue or "questions")
 
@@ -95,9 +92,8 @@ def tradeoff(table: pd.DataFrame, x: str, y: str = "global", hue: str = "method"
     ax = plt.subplots(figsize=(8, 5.5 if style else 4.5))[1]
     ax.errorbar(table[x], table[y], yerr=np.abs([table[y] - table[y + "_low"], table[y + "_high"] - table[y]]),
                 fmt="none", ecolor="#bbbbbb", lw=1, zorder=1)
-    palette = METHOD_PALETTE | NEWER_PALETTE  # the book's colours where every point has one
-    sns.scatterplot(data=table, x=x, y=y, hue=hue, style=style or hue, s=70, ax=ax, zorder=2,
-                    palette=palette if set(table[hue]) <= set(palette) else None)
+    sns.scatterplot(data=table, x=x, y=y, hue=hue, style=style or hue, s=70, ax=ax, zorder=2,  # the book's colours
+                    palette=PALETTE if set(table[hue]) <= set(PALETTE) else None)  # where every point has one
     if label:
         ranked = table.sort_values([x, y], ascending=[True, False])
         for _, row in ranked[ranked[y] > ranked[y].cummax().shift(fill_value=-np.inf)].iterrows():  # Pareto front

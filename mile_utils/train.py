@@ -71,10 +71,9 @@ def _images(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:  # Vi
     return component_modules(model)["vit"](pixel_values=pixel_values).last_hidden_state
 
 
-def _jtm(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
-    image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-    return component_modules(model)["jtm"](input_ids=input_ids, attention_mask=mask, encoder_hidden_states=image_embeds,
-                                           encoder_attention_mask=image_mask).last_hidden_state
+def _jtm(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    # no image mask: every image token is visible, as BLIP's all-ones mask says
+    return model.text_encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=images).last_hidden_state
 
 
 def question_states(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
@@ -85,19 +84,11 @@ def question_states(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     return _jtm(model, batch["input_ids"], batch["attention_mask"], images)
 
 
-def decoder_logits(model: nn.Module, states: torch.Tensor, question_mask: torch.Tensor,
-                   answer_ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
-    return component_modules(model)["dec"](input_ids=answer_ids, attention_mask=answer_mask,
-                                           encoder_hidden_states=states, encoder_attention_mask=question_mask).logits
-
-
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
     """Per-answer loss: next-token cross-entropy with label smoothing, summed over the answer's tokens (BLIP)."""
-    shifted = logits[:, :-1].float()  # fp32 softmax: bf16 logits lose the small smoothing terms
-    target = labels[:, 1:]
-    tok = F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), target.reshape(-1), ignore_index=-100,
-                          label_smoothing=label_smoothing, reduction="none").view(target.shape)
-    return tok.sum(1)
+    shifted, target = logits[:, :-1].float(), labels[:, 1:]  # fp32 softmax: bf16 logits lose the smoothing terms
+    return F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), target.reshape(-1), ignore_index=-100,
+                           label_smoothing=label_smoothing, reduction="none").view(target.shape).sum(1)
 
 
 class VQALoss(nn.Module):
@@ -108,8 +99,9 @@ class VQALoss(nn.Module):
         self.model, self.label_smoothing = model, label_smoothing
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        logits = decoder_logits(self.model, question_states(self.model, batch), batch["attention_mask"],
-                                batch["answer_ids"], batch["answer_mask"])
+        logits = self.model.text_decoder(input_ids=batch["answer_ids"], attention_mask=batch["answer_mask"],
+                                         encoder_hidden_states=question_states(self.model, batch),
+                                         encoder_attention_mask=batch["attention_mask"]).logits
         return answer_loss(logits, batch["labels"], self.label_smoothing)
 
 
@@ -235,9 +227,7 @@ def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *,
     # AdamW groups: the base rate (first, maybe empty), then one per method of method_lr with its components' part
     method_lr = options.method_lr or {}
     method_of = {COMPONENTS[c]: m for c, m in options.spec.methods.items() if m in method_lr}
-    groups: dict[str | None, list[nn.Parameter]] = {None: [], **{m: [] for m in method_of.values()}}
-    for name, p in named:
-        groups[method_of.get(name.split(".", 1)[0])].append(p)
+    groups = {m: [p for n, p in named if method_of.get(n.split(".", 1)[0]) == m] for m in (None, *method_of.values())}
     optimizer = torch.optim.AdamW([{"params": ps, "method": m, "lr": method_lr[m] if m else options.lr}
                                    for m, ps in groups.items()], lr=options.lr, weight_decay=options.weight_decay,
                                   fused=True)  # one kernel per step: ~3x foreach's speed on a CPU

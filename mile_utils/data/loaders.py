@@ -54,12 +54,11 @@ def _collect(rows: Iterable[Mapping[str, Any]], key: str, split: str, source: st
         if bad is None:
             answer = raw["answer"]  # numbers stored as numbers: 2.0 and 2 both read "2"
             answer = str(int(answer)) if isinstance(answer, float) and answer.is_integer() else str(answer).strip()
-            rec = Record(
-                img_name=str(raw["img_name"]).strip(), question=str(raw["question"]).strip(), answer=answer,
-                answer_type=str(raw["answer_type"]).strip().upper(), qid=raw["qid"], split=split,
-                content_type=str(raw.get("content_type") or "unknown").strip(), image_root=raw.get("image_root"),
-                q_lang=str(raw.get("q_lang") or "en"), prompts=tuple(raw.get("prompts") or ()),
-                image_bytes=raw.get("image_bytes"))
+            rec = Record(img_name=str(raw["img_name"]).strip(), question=str(raw["question"]).strip(), answer=answer,
+                         answer_type=str(raw["answer_type"]).strip().upper(), qid=raw["qid"], split=split,
+                         content_type=str(raw.get("content_type") or "unknown").strip(),
+                         image_root=raw.get("image_root"), q_lang=str(raw.get("q_lang") or "en"),
+                         prompts=tuple(raw.get("prompts") or ()), image_bytes=raw.get("image_bytes"))
             if (image := (rec.image_root, rec.img_name)) not in checked:
                 try:
                     rec.load_image(verify)
@@ -79,8 +78,7 @@ def _collect(rows: Iterable[Mapping[str, Any]], key: str, split: str, source: st
     if problems and not skip_bad:
         more = f"{len(problems) - 1} more bad records; " if len(problems) > 1 else ""
         error = FileNotFoundError if "not found" in problems[0]["message"] else ValueError
-        raise error(f"{described[0]} ({more}pass --skip-bad (python: skip_bad=True) to skip bad records and list "
-                    "them)")
+        raise error(f"{described[0]} ({more}pass --skip-bad (python: skip_bad=True) to skip bad records and list them)")
     if not records:
         hint = f" in language {lang!r} (field q_lang)" if lang and key == "slake" else ""
         raise ValueError(f"{source}: split {split!r} of dataset {key!r} has no usable records{hint}"
@@ -127,9 +125,9 @@ def _hub(key: str, repo_id: str, split: str, lang: str | None) -> list[dict[str,
         snap = Path(snapshot_download(repo_id, repo_type="dataset",
                                       allow_patterns=["*.parquet"] if key == "vqa-rad" else None))
     except Exception as err:  # network, auth or missing-repo errors all mean: no local data
-        raise FileNotFoundError(f"could not fetch the hub dataset {repo_id!r} ({type(err).__name__}: {err}). "
-                                "Without network, download it elsewhere and pass its folder with --root "
-                                "(python: root=...) or a file with --path") from err
+        raise FileNotFoundError(f"could not fetch the hub dataset {repo_id!r} ({type(err).__name__}: {err}). Without "
+                                "network, download it elsewhere; pass its folder with --root (python: root=...) or a "
+                                "file with --path") from err
     if key == "vqa-rad":
         return _vqa_rad(snap, split, None)
     images = None

@@ -247,8 +247,7 @@ def _write(out: Path, n_images: int, variant: str, seed: int) -> None:
     digests = {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
                for p in sorted(out.rglob("*")) if p.is_file()}
     manifest = {"generator_version": GENERATOR_VERSION, "seed": seed, "n_images": n_images,
-                **({"variant": variant} if variant else {}),
-                "questions": {k: len(v) for k, v in per_split.items()},
+                **({"variant": variant} if variant else {}), "questions": {k: len(v) for k, v in per_split.items()},
                 "images": {k: sum(1 for s in splits.values() if s == k) for k in per_split}, "sha256": digests}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
 
