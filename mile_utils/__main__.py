@@ -24,8 +24,7 @@ from .train import NonFiniteLossError
 
 
 def _add_fields(p: argparse.ArgumentParser, cls: type, *only: str) -> None:
-    """One ``--flag-name`` per dataclass field (all, or ``only``): its type, default, help and choices; booleans
-    get ``--no-``; a field of several types (a size name or a number) is read as a string."""
+    """One ``--flag-name`` per dataclass field (all, or ``only``); booleans get ``--no-``, a union type is a string."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name == "spec" or (only and f.name not in only):
@@ -91,10 +90,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print the result as JSON")
         _add_fields(p, RunConfig, *fields)
         return p
-    _add_fields(command("params", cmd_params, "count trainable/total parameters of a component spec", "profile"),
-                AdapterSpec)
-    p = command("data", cmd_data, "summarise a dataset split and report the first problems",
-                "dataset", "root", "path", "size")
+    _add_fields(command("params", cmd_params, "count trainable/total parameters of a spec", "profile"), AdapterSpec)
+    p = command("data", cmd_data, "summarise a split, list its first problems", "dataset", "root", "path", "size")
     p.add_argument("--split", default="train")
     p.add_argument("--seed", type=int, default=0, help="the built-in set's generator seed")
     p.add_argument("--skip-bad", action="store_true", help="skip bad records and report them")
@@ -105,10 +102,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT's last checkpoint")
     p.add_argument("--keep-checkpoint", action="store_true", help="keep OUT/checkpoint.pt after the run")
     p.add_argument("--no-progress", action="store_true")
-    p = command("bench", cmd_bench, "samples/s and peak memory of our loop vs a reference-style loop", "profile")
+    p = command("bench", cmd_bench, "samples/s, peak memory: our loop vs the reference", "profile", "batch_size")
     p.add_argument("--steps", type=int, default=None, help="steps per timed epoch")
     p.add_argument("--repeats", type=int, default=7, help="timed epochs, each step of ours then one of the reference")
-    p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--specs", nargs="*", default=None, help="e.g. T/T/T F/F/lora")
     p.add_argument("--device", default=None)
     p.add_argument("--min-block-s", type=float, default=2.0, help="shortest epoch of ours when --steps is not given")

@@ -1,9 +1,8 @@
 """Component-wise PEFT of MISS/BLIP VQA: one spec says, for the ViT, the JTM and the decoder, F/T/or a method.
 lora, ia3, prefix, ptv2: the reference study's settings; the newer methods: peft's defaults on the LoRA targets,
 VeRA and OFT on Linears only (peft's VeRA has no Conv2d, peft 0.21's OFT Conv2d is no identity at init). peft's
-tuners adapt each component in place: the model stays a ``BlipForQuestionAnswering``. Prefixes are peft's
-``PrefixEncoder``, whose keys/values we prepend in every self-attention of the component (peft injects them only
-for a whole model). Load base weights before :func:`apply_spec`."""
+tuners adapt each component in place (the model stays a ``BlipForQuestionAnswering``); peft's ``PrefixEncoder``
+keys/values we prepend in each self-attention (peft does it for a whole model only). Load weights before adapting."""
 
 from __future__ import annotations
 
@@ -131,10 +130,9 @@ def _peft_config(spec: AdapterSpec, comp: str, component: nn.Module) -> peft.Pef
 
 def _prefix_attention(self: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       encoder_hidden_states: None = None, cache: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``BlipTextSelfAttention.forward`` (eager: additive mask) with the component's P prefix keys/values prepended:
-    peft's encoder output (P, layers*2*hidden) is (P, layers*2, heads, head_dim), slot 2i = layer i's keys, 2i+1
-    its values (we compute this layer's slice only). It joins after the KV-cache update (the cache never stores it),
-    with P visible mask columns on the left, expanded to the batch at hand (beam search's too)."""
+    """``BlipTextSelfAttention.forward`` (eager) with the component's P prefix keys/values prepended: peft's encoder
+    output is (P, layers*2, heads, head_dim), slot 2i = layer i's keys, 2i+1 its values (we compute this layer's only),
+    joined after the KV-cache update (never cached), P visible mask columns on the left, expanded to the batch."""
     shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
     query, key, value = (f(hidden_states).view(shape).transpose(1, 2) for f in (self.query, self.key, self.value))
     if cache is not None:  # the decoder's EncoderDecoderCache, or the JTM's own

@@ -52,8 +52,7 @@ def settings(base: RunConfig, *spec_fields: str, training: bool = True) -> pd.Da
     """The shared settings (profile defaults filled in; the data's only, unless ``training``), ``spec_fields``."""
     values = {k: getattr(base.resolved(), k) for k in SETTINGS if training or k in DATA_SETTINGS} | {
         k: getattr(base.spec, k) for k in spec_fields}
-    rates = base.method_rates()
-    if training and rates:  # these methods' adapters train at their own rate, the rest at lr
+    if training and (rates := base.method_rates()):  # these methods' adapters train at their own rate, the rest at lr
         by_rate = {r: [m for m, v in rates.items() if v == r] for r in rates.values()}
         values["method_lr"] = "; ".join(f"{r:g}: {', '.join(ms)}" for r, ms in by_rate.items())
     return pd.DataFrame({"setting": list(values.values())}, index=list(values)).astype(str)
@@ -89,8 +88,7 @@ def run(configs: Sequence[RunConfig], progress: bool = True) -> pd.DataFrame:
 
 
 def collect(runs_dir: str | Path) -> pd.DataFrame:
-    """:func:`run`'s table (no ``config``, a ``source``) of every run under ``runs_dir`` but the stand-in's (other
-    data) and chapter 10's (``*-beyond``)."""
+    """:func:`run`'s table (a ``source``, no ``config``) of the runs under ``runs_dir`` but the stand-in's, ch. 10's."""
     every = collect_results(runs_dir)
     skip = every["out"].astype(str).str.contains(r"tiny-pretrained|-beyond(?:[/\\]|$)")
     every = _with_stats(every[~skip].reset_index(drop=True))
@@ -115,8 +113,7 @@ def seed_summary(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def table(runs: pd.DataFrame, columns: Sequence[str] = tuple(ROUNDING)) -> pd.DataFrame:
-    """``columns`` of a run (or floors) table as the book shows them: accuracies with their 95 % interval, one
-    decimal, other numbers as ``ROUNDING`` says, a missing one as "–"."""
+    """``columns`` of a run (or floors) table as shown: accuracy (95 % interval), others per ``ROUNDING``, none "–"."""
     rows = runs.set_index("run") if "run" in runs.columns else runs
 
     def cell(row: pd.Series, c: str) -> Any:
@@ -132,8 +129,7 @@ def table(runs: pd.DataFrame, columns: Sequence[str] = tuple(ROUNDING)) -> pd.Da
 
 
 def floors(base: RunConfig) -> pd.DataFrame:
-    """The majority answer's and the question-only (no image) floor's test accuracy as a run table, indexed by
-    name (``floor["global"]``: {name: accuracy})."""
+    """The majority and question-only (no image) floors' test accuracy as a run table indexed by the floor's name."""
     kw = dict(root=base.root, path=base.path, size=base.size, seed=base.data_seed)
     train, test = load_records(base.dataset, "train", **kw), load_records(base.dataset, base.eval_split, **kw)
     rows = {b["baseline"]: _stats(b) | {"correct": _correct(

@@ -1,6 +1,5 @@
-"""Read MISS/BLIP VQA weights into a model from :func:`mile_utils.model.build_model`: :func:`load_weights`.
-Original BLIP/MISS names are converted to transformers' and ViT positions interpolated; pickles (MILE's
-``train_MILE.py`` checkpoints included) are read without running code from the file."""
+"""Read MISS/BLIP VQA weights into a model: original names converted to transformers', ViT positions interpolated;
+pickles (MILE's ``train_MILE.py`` checkpoints included) read without running code from the file."""
 
 from __future__ import annotations
 
@@ -114,12 +113,11 @@ def check_keys(source: str, expected: Mapping[str, Tensor], given: Mapping[str, 
 
 
 def load_weights(model: torch.nn.Module, source: str | os.PathLike[str] | Mapping[str, Tensor]) -> dict[str, Any]:
-    """Load ``source`` into ``model`` (a plain ``BlipForQuestionAnswering``, in place): an original BLIP/MISS pickle
-    (a bare state dict or under ``model``), a ``.safetensors`` file, a Hugging Face BLIP VQA folder or hub id (local
-    cache first; offline it fails in seconds), or a state dict. Every model key must be filled and every checkpoint
-    key used, with the model's shapes, or :class:`CheckpointError` lists the differences. Returns ``kind`` ("blip":
-    original names converted, "huggingface", "safetensors", "state_dict"), ``loaded`` (tensors), ``dropped`` (key ->
-    why), ``interpolated`` (ViT grid positions before, after), ``notes`` (config differences, the model's kept)."""
+    """Load ``source`` into a plain ``BlipForQuestionAnswering``: a BLIP/MISS pickle (a state dict, bare or under
+    ``model``), a ``.safetensors`` file, a Hugging Face BLIP VQA folder or hub id (local first), or a state dict.
+    Every key must match, shapes too, or :class:`CheckpointError` lists the differences. Returns ``kind`` ("blip":
+    names converted), ``loaded``, ``dropped`` (key -> why), ``interpolated`` (ViT grid positions before, after),
+    ``notes`` (config differences; the model's kept)."""
     src = "<state dict>" if isinstance(source, Mapping) else os.fspath(source)
     path = Path(src).expanduser()
     report: dict[str, Any] = {"source": src, "kind": "state_dict", "dropped": {}, "interpolated": None, "notes": []}

@@ -1,10 +1,9 @@
-"""One evaluation path for every method: beam-search generation (the reference's), to ``predictions.jsonl`` and
-the metrics. Generation is MISS's (MILE ``models/mile_vqa.py``, transformers 4.26: 3
-beams, ``max_length`` 10 counting [DEC], ``min_length`` 1, [SEP] ends) but for (1) the question mask: MISS passes
-all ones to ``generate`` (beams attend to question padding), we pass the real mask, as training does
-(``reference_quirk=True``: all ones); (2) a beam cut at ``max_length`` is normalised by 9 tokens here, 10 there
-(transformers 5 counts generated tokens with [SEP], 4.26 the hypothesis with [DEC]); answers ending in [SEP]
-score the same."""
+"""One evaluation path for every method: the reference's beam search, to ``predictions.jsonl`` and the metrics.
+Generation is MISS's (MILE ``models/mile_vqa.py``, transformers 4.26: 3 beams, ``max_length`` 10 counting [DEC],
+``min_length`` 1, [SEP] ends) but for (1) the question mask: MISS passes all ones to ``generate`` (beams attend to
+question padding), we pass the real mask, as training does (``reference_quirk=True``: all ones); (2) a beam cut at
+``max_length`` is normalised by 9 tokens here, 10 there (transformers 5 counts generated tokens with [SEP], 4.26
+the hypothesis with [DEC]); answers ending in [SEP] score the same."""
 
 from __future__ import annotations
 

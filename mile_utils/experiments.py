@@ -1,6 +1,5 @@
-"""Run one configuration end to end (data -> model -> spec -> train -> evaluate -> results.json), or a grid.
-:class:`RunConfig` describes a run and generates the CLI's flags. A finished run is recognised by its identity: its
-settings, and its data, starting weights and tokenizer by content, never by path (a moved runs folder is reused)."""
+"""Run one :class:`RunConfig` (data -> model -> spec -> train -> evaluate -> results.json), or a grid. A finished run
+is known by its identity: settings, and data, weights and tokenizer by content, never by path (a folder may move)."""
 
 from __future__ import annotations
 
@@ -107,8 +106,8 @@ class RunConfig:
                 + ("-noop" if self.spec.jtm_prefix_noop else ""))
 
     def resolved(self) -> RunConfig:
-        """A copy with the profile's defaults filled in and ``out`` set; ``method_lr`` keeps the rates of the spec's
-        methods only (None when none acts, so runs without them keep their identity)."""
+        """A copy with the profile's defaults and ``out`` set; ``method_lr``: the spec's methods' rates, or None (so
+        runs without them keep their identity)."""
         prof, used = get_profile(self.profile), self.spec.methods.values()
         defaults = {name: getattr(prof, name) for name in ("epochs", "batch_size", "lr", "min_lr", "weight_decay")
                     if getattr(self, name) is None}
@@ -145,8 +144,7 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:  # size and mtime:
 
 
 def content_id(source: str | os.PathLike[str] | None) -> str | None:
-    """A local file or folder by the SHA-256 of its files' bytes (names relative to it, hidden files left out);
-    anything else (a hub id) by its name."""
+    """A local file or folder by the SHA-256 of its (non-hidden) files' bytes and names; anything else by its name."""
     if source is None or not (path := Path(source).expanduser()).exists():
         return None if source is None else str(source)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not any(
@@ -222,9 +220,8 @@ def build_run(cfg: RunConfig) -> tuple[Any, Any]:
 
 def run_experiment(config: RunConfig, resume: bool = False, *, skip_finished: bool = False,
                    keep_checkpoint: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train and evaluate ``config`` into ``out/`` (results.json, predictions.jsonl, weights). ``resume`` continues
-    from the checkpoint of each epoch (deleted at the end unless ``keep_checkpoint``); with it or ``skip_finished``
-    a finished run of the same identity is returned."""
+    """Train and evaluate ``config`` into ``out/``. ``resume`` continues from the last epoch's checkpoint (deleted at
+    the end unless ``keep_checkpoint``); with it or ``skip_finished`` a finished run of this identity is returned."""
     cfg = config.resolved()
     out = Path(cfg.out)
     wall_start = time.perf_counter()
@@ -237,8 +234,7 @@ def run_experiment(config: RunConfig, resume: bool = False, *, skip_finished: bo
         out.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out).close()
     except OSError as err:
-        raise PermissionError(f"output directory {out} is not writable ({err.strerror or err}): "
-                              "choose another --out") from err
+        raise PermissionError(f"run folder {out} is not writable ({err.strerror or err}): use another --out") from err
     if "adalora" in cfg.spec.methods.values():  # its rank budget schedule spans the run's optimiser steps
         steps = cfg.epochs * -(-len(train_records) // cfg.batch_size) // cfg.grad_accum
         cfg.spec = replace(cfg.spec, total_step=max(1, steps))
@@ -310,8 +306,7 @@ def paper_reference() -> dict[str, Any]:
 
 
 def paper_rows(include_full: bool = True) -> list[dict[str, Any]]:
-    """The 23 configurations of the paper's Tables 1–4 (plus T/T/T, not in them) with their numbers: ``spec`` in our
-    names (``F/lora/lora``), ``rank``, ``table``, ``params_pct``, ``memory_gb``, ``open``, ``closed``, ``global``."""
+    """The 23 configurations of the paper's Tables 1–4 (plus T/T/T, not in them) with their numbers, specs in ours."""
     keys = ("table", "params_pct", "memory_gb", "open", "closed", "global")
     rows = [{"spec": str(AdapterSpec(r["vit"], r["jtm"], r["dec"])), "rank": r.get("rank"), **{k: r[k] for k in keys}}
             for r in paper_reference()["tables_1_to_4"]]
@@ -353,8 +348,7 @@ def export_model(config: RunConfig, dest: str | Path) -> Path:
 def pretrained_stand_in(runs_dir: str | Path, *, seed: int = 0, data_seed: int = 0, size: str | int = "full",
                         progress: bool = True) -> str:
     """The tiny chapters' stand-in for pretrained MISS (a frozen random ViT says nothing about freezing): T/T/T trained
-    on the built-in set's ``pretraining`` variant (other scans, some open question families never asked, as MISS's
-    pretraining data differ from SLAKE); returns the exported model's folder, named by the run's identity."""
+    on the set's ``pretraining`` variant (shifted, as MISS's data from SLAKE); the exported model's folder."""
     root = Path(runs_dir) / "tiny-pretrained"
     images = "full" if str(size) in ("small", "full") else size
     cfg = RunConfig(profile="tiny", dataset="synthetic", spec="T/T/T", size=f"pretraining:{images}", seed=seed,

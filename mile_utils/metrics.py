@@ -1,5 +1,4 @@
 """Med-VQA metrics in percent, matched by ``qid`` (never list order), with Wilson 95 % intervals; floors; McNemar.
-
 "Closed" is reported both ways: ``answer_type == "CLOSED"`` (the datasets' label) -> ``open/closed/global``; a
 yes/no gold answer (the MILE paper's tables: 355 of SLAKE's 1,061 English test questions) -> ``yes_no``."""
 
@@ -56,9 +55,8 @@ def _yes_no_prf(gold: list[str], pred: list[str]) -> dict[str, Any]:
 
 
 def compute_metrics(predictions: Mapping[Any, Any] | Iterable[Mapping[str, Any]], records: Sequence[Any]) -> dict:
-    """Metrics of ``predictions`` (qid -> answer, or rows with ``qid`` and ``prediction``) on ``records``; qids
-    compare as strings. An unknown qid is an error; so is a record without a prediction. ``open_tokens``: mean
-    token P/R/F1 and BLEU-1 over OPEN questions."""
+    """Metrics of ``predictions`` (qid -> answer, or rows with ``qid``, ``prediction``) on ``records``, qids matched as
+    strings, each exactly once. ``open_tokens``: mean token P/R/F1 and BLEU-1 over OPEN questions."""
     rows = [{"qid": k, "prediction": v} for k, v in predictions.items()] if isinstance(predictions, Mapping) \
         else predictions
     preds: dict[str, str] = {}
@@ -109,8 +107,7 @@ def majority_baseline(train: Sequence[Any], test: Sequence[Any]) -> dict[str, An
 
 
 def question_only_baseline(train: Sequence[Any], test: Sequence[Any]) -> dict[str, Any]:
-    """Metrics of the most frequent training answer to the same question text, else the overall majority: an
-    upper bound on what the question text alone gives here."""
+    """Metrics of the commonest training answer to the same question text (else the majority): the text alone."""
     per_question: dict[str, list[str]] = defaultdict(list)
     for r in train:
         per_question[normalize_answer(r.question)].append(normalize_answer(r.answer))

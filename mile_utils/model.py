@@ -1,6 +1,5 @@
 """Build MISS (transformers' ``BlipForQuestionAnswering``: ``vision_model`` = ViT, ``text_encoder`` = JTM,
-``text_decoder`` = answer decoder) and its tokenizer for a profile, with what transformers lacks: the
-cross-attention mask fix and the ViT's stochastic depth. Checkpoints are read by :mod:`mile_utils.checkpoints`."""
+``text_decoder`` = decoder) and its tokenizer, with what transformers lacks: the cross-attention mask fix, drop-path."""
 
 from __future__ import annotations
 
@@ -60,10 +59,9 @@ def load_local_first(load: Callable[..., Any], source: str, what: str, error: ty
 
 
 def build_tokenizer(profile: str | Profile = "tiny", path: str | Path | None = None) -> Tokenizer:
-    """``tiny``: a BERT-uncased WordPiece tokenizer built offline, the same on every machine: every printable ASCII
-    character is a word start and a ``##`` continuation (no English text maps to [UNK]), then whole medical-VQA
-    words (short questions), [DEC] and [ENC]. ``paper``: bert-base-uncased + [DEC]/[ENC] from ``path``, a local
-    folder (bert-base-uncased or a BLIP VQA snapshot) or hub id (default bert-base-uncased), local files first."""
+    """``tiny``: a BERT-uncased WordPiece tokenizer built offline: every printable ASCII character as a word start and
+    a ``##`` continuation (no English text maps to [UNK]), medical-VQA words, [DEC], [ENC]. ``paper``: bert-base-uncased
+    + [DEC]/[ENC] from ``path``, a folder or hub id (bert-base-uncased's, or a BLIP VQA snapshot), local files first."""
     prof = get_profile(profile)
     if path is None and prof.vocab_size is None:
         text = resources.files("mile_utils.reference").joinpath("tiny_vocab_words.txt").read_text(encoding="utf-8")
@@ -84,9 +82,8 @@ def build_tokenizer(profile: str | Profile = "tiny", path: str | Path | None = N
 
 def _cross_attention_forward(self: torch.nn.Module, hidden_states: torch.Tensor, attention_mask: Any = None,
                              encoder_hidden_states: Any = None, cache: Any = None) -> tuple:
-    """The text stacks' cross-attention, honouring the encoder mask: in transformers 5, ``BlipTextAttention`` hands
-    it over as ``attention_mask``, which a cross-attention ignores, so the decoder would attend to question padding,
-    unlike BLIP/MISS (``med.py``). Here it goes where the attention reads it."""
+    """The text stacks' cross-attention, honouring the encoder mask: transformers 5 hands it over as ``attention_mask``,
+    which a cross-attention ignores, so the decoder would attend to question padding, unlike BLIP/MISS (``med.py``)."""
     context, probs = self.self(hidden_states, encoder_hidden_states=encoder_hidden_states,
                                encoder_attention_mask=attention_mask, cache=cache)
     return self.output(context, hidden_states), probs
@@ -103,8 +100,7 @@ def _drop_path(rate: float, module: torch.nn.Module, args: Any, output: Any) -> 
 
 def build_model(profile: str | Profile = "tiny", tokenizer: Tokenizer | None = None, *,
                 device: str | torch.device = "cpu", seed: int | None = 0) -> BlipForQuestionAnswering:
-    """A randomly initialised MISS/BLIP VQA model of the profile's size whose special-token ids match ``tokenizer``.
-    ``device="meta"`` allocates no weights: enough for parameter accounting."""
+    """A random MISS/BLIP VQA model of the profile's size, special-token ids as ``tokenizer``'s; "meta": no weights."""
     prof = get_profile(profile)
     if prof.vocab_size is not None:  # paper: BLIP's ids, so the model needs no tokenizer download
         if tokenizer is not None:

@@ -86,9 +86,8 @@ def accuracy_bars(table: pd.DataFrame, label: str = "run", metrics: Sequence[str
 def tradeoff(table: pd.DataFrame, x: str, y: str = "global", hue: str = "method", style: str | None = None,
              label: str | None = "run", xlabel: str | None = None, logx: bool = False, title: str | None = None,
              floors: Mapping[str, float] | None = None) -> Axes:
-    """Accuracy (95 % interval: ``<y>_low/_high``) against a cost (trainable %, memory, time), a point per run:
-    colour = ``hue``, marker = ``style`` (or ``hue``). With ``label`` only the Pareto front (no cheaper run as
-    accurate) is labelled, so labels stay apart; without, the legend alone tells the points apart."""
+    """Accuracy (95 % interval: ``<y>_low/_high``) against a cost, a point per run (colour ``hue``, marker ``style``).
+    With ``label`` only the Pareto front (no cheaper run as accurate) is labelled, so labels stay apart."""
     ax = plt.subplots(figsize=(8, 5.5 if style else 4.5))[1]
     ax.errorbar(table[x], table[y], yerr=np.abs([table[y] - table[y + "_low"], table[y + "_high"] - table[y]]),
                 fmt="none", ecolor="#bbbbbb", lw=1, zorder=1)
@@ -118,9 +117,8 @@ def loss_curves(runs: pd.DataFrame, label: str = "run", title: str | None = None
 def sample_browser(samples: Sequence[Mapping[str, Any]], by: str = "content_type", per_page: int = 4,
                    load_image: Any = None, columns: Sequence[str] = ("question", "answer"),
                    interactive: bool = True) -> Any:
-    """An ipywidgets browser (choose a ``by`` group, page through it; pages are PNGs in an ``Image`` widget, no
-    ``Output``), or with ``interactive=False`` a table, which headless runs must ask for: nbclient can deadlock on
-    widgets. ``load_image(sample)`` supplies images when samples carry none (loaded per page)."""
+    """An ipywidgets browser of ``by`` groups (PNG pages in an ``Image`` widget, not ``Output``; ``load_image(sample)``
+    for samples without images), or with ``interactive=False`` a table: nbclient can deadlock on widgets."""
     if not samples:
         raise ValueError("sample_browser: no samples")
     if not interactive:  # the first two samples of each group

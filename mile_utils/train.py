@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, send_to_device, set_seed
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader
 from tqdm.auto import tqdm
@@ -67,21 +67,15 @@ class VQACollator:
         return batch
 
 
-def _images(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:  # ViT tokens, after its final norm
-    return component_modules(model)["vit"](pixel_values=pixel_values).last_hidden_state
-
-
-def _jtm(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    # no image mask: every image token is visible, as BLIP's all-ones mask says
-    return model.text_encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=images).last_hidden_state
-
-
 def question_states(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """The JTM output for a batch: precomputed question states, or from image embeddings, or from pixels."""
+    """The JTM output for a batch: precomputed question states, or from image embeddings, or from pixels (the ViT's
+    tokens after its final norm). No image mask: every image token is visible, as BLIP's all-ones mask says."""
     if (states := batch.get("question_states")) is not None:
         return states
-    images = batch["image_embeds"] if batch.get("image_embeds") is not None else _images(model, batch["pixel_values"])
-    return _jtm(model, batch["input_ids"], batch["attention_mask"], images)
+    if (images := batch.get("image_embeds")) is None:
+        images = model.vision_model(pixel_values=batch["pixel_values"]).last_hidden_state
+    return model.text_encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              encoder_hidden_states=images).last_hidden_state
 
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
@@ -143,14 +137,15 @@ class FrozenFeatures:
             for chunk in (todo[j:j + self.batch_size] for j in range(0, len(todo), self.batch_size)):
                 pixels = torch.stack([dataset.pixels(i) for _, i in chunk]).to(self.device)
                 with autocast():
-                    embeds = _images(self.model, pixels).to(self.dtype).cpu()
+                    embeds = self.model.vision_model(pixel_values=pixels).last_hidden_state.to(self.dtype).cpu()
                 for (name, _), e in zip(chunk, embeds, strict=True):
                     self._images[name] = e.clone()  # own storage, not a view of the batch
             for chunk in (asked[j:j + self.batch_size] for j in range(0, len(asked), self.batch_size)):
                 ids, mask = encode_questions(self.tokenizer, [q for _, q in chunk], self.profile.max_question_tokens)
-                images = torch.stack([self._images[name] for name, _ in chunk]).to(self.device)
+                batch = {"input_ids": ids, "attention_mask": mask,
+                         "image_embeds": torch.stack([self._images[name] for name, _ in chunk])}
                 with autocast():
-                    states = _jtm(self.model, ids.to(self.device), mask.to(self.device), images).to(self.dtype).cpu()
+                    states = question_states(self.model, send_to_device(batch, self.device)).to(self.dtype).cpu()
                 for key, s, m in zip(chunk, states, mask, strict=True):
                     self._questions[key] = s[: int(m.sum())].clone()  # unpadded: padding is rebuilt per batch
         finally:
@@ -181,8 +176,7 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_memory(device: torch.device) -> dict[str, Any]:
-    """The peak since :func:`reset_peak_memory`: CUDA max allocated, or the process's peak resident set (Linux
-    VmHWM, libraries and data included; elsewhere since the process started)."""
+    """The peak since :func:`reset_peak_memory`: CUDA max allocated, or the process's peak RSS (not Linux: ever)."""
     if device.type == "cuda":
         return {"peak_bytes": int(torch.cuda.max_memory_allocated(device)), "kind": "cuda_max_allocated"}
     if sys.platform.startswith("linux"):
@@ -206,10 +200,9 @@ def make_accelerator(grad_accum: int = 1, mixed_precision: str | None = None, cp
 def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *, out_dir: str | Path | None = None,
                 resume: bool = False, run_key: str = "", accelerator: Accelerator | None = None,
                 progress: bool = True, on_step: Callable[[], Any] | None = None) -> dict:
-    """Train ``model`` in place with ``options`` (a resolved ``RunConfig``); with ``out_dir`` a checkpoint each
-    epoch, which ``resume`` continues if its ``run_key`` is this one. ``train_seconds`` and ``samples``: this
-    session; ``cached``: :meth:`FrozenFeatures.summary`; ``memory``: :func:`peak_memory`. ``on_step()`` runs after
-    each step (the benchmark times a reference-loop step there)."""
+    """Train ``model`` in place with ``options`` (a resolved ``RunConfig``); with ``out_dir`` a checkpoint each epoch,
+    which ``resume`` continues if its ``run_key`` is this one. ``train_seconds``, ``samples``: this session's.
+    ``on_step()`` runs after each step (the benchmark times a reference-loop step there)."""
     acc = accelerator or make_accelerator(options.grad_accum)
     if options.batch_size % acc.num_processes:
         raise ValueError(f"batch_size {options.batch_size} must be divisible by the {acc.num_processes} processes")

@@ -72,8 +72,7 @@ def write_instruction_json(records: Iterable[Record], path: str | Path, *, seed:
 
 def truncation_report(records: Sequence[Record], tokenizer: Any, *, formatter: InstructionFormatter,
                       max_tokens: int = 35) -> dict[str, Any]:
-    """How many of ``formatter``'s prompts a ``max_tokens`` limit (counting [CLS]/[SEP], as BLIP's tokenizer call
-    does) cuts, overall and per template."""
+    """How many of ``formatter``'s prompts ``max_tokens`` (with [CLS]/[SEP], as BLIP) cuts, overall and per template."""
     per_template: dict[int, list[int]] = defaultdict(list)
     for rec in records:
         for i, text in formatter.filled(rec):

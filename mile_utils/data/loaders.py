@@ -112,8 +112,7 @@ def _split_file(folder: Path, split: str) -> Path:
 
 
 def _slake(root: Path, split: str, lang: str | None, images: Path | None = None) -> list[dict[str, Any]]:
-    """SLAKE's official layout: ``<root>/{train,validate,test}.json`` and ``<root>/imgs/<img_name>``, root
-    being the ``Slake1.0`` folder or one above it. ``lang="en"`` keeps English questions (``q_lang``)."""
+    """SLAKE's ``{train,validate,test}.json`` and ``imgs/`` in ``root`` (``Slake1.0`` or above); ``lang``: q_lang."""
     if not (root / "train.json").is_file() and (root / "Slake1.0").is_dir():
         root = root / "Slake1.0"
     return [{**raw, "image_root": str(images or root / "imgs")} for raw in _read_json_list(_split_file(root, split))
@@ -148,9 +147,8 @@ def _parquet_split(file: Path) -> str | None:
 
 
 def _vqa_rad(target: Path, split: str, images: Path | None) -> list[dict[str, Any]]:
-    """The OSF release (``VQA_RAD Dataset Public.json`` + ``VQA_RAD Image Folder/``; ``phrase_type`` test_* =
-    test; its ``qid`` when distinct, else the position) and the hub's parquet (``flaviagiammarino/vqa-rad``: image,
-    question, answer; no answer type: CLOSED = yes/no; qid ``<split>_<row>``; images named by their bytes' hash)."""
+    """The OSF release (json + image folder; ``phrase_type`` test_* = test; its ``qid`` when distinct, else the row)
+    and the hub's parquet (image, question, answer; CLOSED = yes/no; qid ``<split>_<row>``; images named by hash)."""
     import pyarrow.parquet as pq
     target = target / OSF_JSON if (target / OSF_JSON).is_file() else target
     held = _parquet_split(target) if target.suffix.lower() == ".parquet" else split
@@ -247,17 +245,15 @@ def _load(dataset: str, split: str, *, root: str | Path | None = None, path: str
 
 def load_records(dataset: str = "synthetic", split: str = "train", **kwargs: Any) -> list[Record]:
     """Records of one split (train, validation alias val/valid/validate/dev, test) of ``dataset``: ``synthetic``
-    (``size``, ``seed``; ``root`` overrides the cache folder), ``slake`` (``root`` = the ``Slake1.0`` folder;
-    ``lang`` keeps one language, None all), ``vqa-rad`` (``path`` = the OSF json or a hub parquet file/folder, or
-    ``root`` = a folder with either; train/test only) or ``instruction`` (``path`` = a MILE instruction JSON, or
-    ``root`` with ``<split>.json``; images under ``root``, default next to the file). ``hub=True`` (or a hub id)
-    downloads SLAKE or VQA-RAD. ``skip_bad=True`` drops bad records with a warning."""
+    (``size``, ``seed``; ``root``: the cache folder), ``slake`` (``root`` = the ``Slake1.0`` folder; ``lang``: one
+    language, None all), ``vqa-rad`` (``path`` = the OSF json or hub parquet file/folder, or ``root`` holding either;
+    train/test) or ``instruction`` (``path`` = a MILE instruction JSON, or ``root`` with ``<split>.json``; images under
+    ``root``, else next to the file). ``hub=True`` (or an id) downloads SLAKE/VQA-RAD; ``skip_bad``: warn, drop bad."""
     return _load(dataset, split, **kwargs)[0]
 
 
 def summarize_dataset(dataset: str = "synthetic", split: str = "train", **kwargs: Any) -> dict[str, Any]:
-    """Counts of one split (``load_records``'s arguments), every image decoded once to prove it readable, and the
-    records skipped (``skip_bad=True``), the first ten listed."""
+    """Counts of one split (``load_records``'s arguments; each image decoded once) and the first skipped records."""
     good, problems, source, key = _load(dataset, split, **{**kwargs, "verify_images": True})
     return {"dataset": key, "split": good[0].split, "source": source, "records": len(good),
             "images": len({r.img_name for r in good}), "open": sum(r.answer_type == "OPEN" for r in good),

@@ -46,8 +46,7 @@ class Record:
         return Path(self.image_root) / self.img_name if self.image_root is not None else None
 
     def load_image(self, decode: bool = True) -> Image.Image | None:
-        """The image as PIL RGB (grayscale replicated to three channels, as BLIP expects); ``decode=False`` only
-        checks that it is there."""
+        """The image as PIL RGB (grayscale to 3 channels, as BLIP expects); ``decode=False``: only check it exists."""
         path, data = self.image_path, self.image_bytes
         if data is None and (path is None or not path.is_file()):
             raise FileNotFoundError(f"image file {path} not found" if path else

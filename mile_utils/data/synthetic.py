@@ -113,8 +113,6 @@ def _place_lesions(rng: np.random.Generator, brain: np.ndarray, count: int, size
                    side: str | None, midline_col: float) -> list[tuple[float, float, float]] | None:
     """Lesion centres well inside the brain, on the patient's ``side`` (image right = patient left)."""
     from scipy import ndimage
-    if count == 0:
-        return []
     depth, (rr, cc) = ndimage.distance_transform_edt(brain), np.ogrid[0 : brain.shape[0], 0 : brain.shape[1]]
     placed: list[tuple[float, float, float]] = []
     for radius in [float(rng.uniform(*LESION_RADIUS[size])) for _ in range(count)]:  # type: ignore[index]
@@ -253,8 +251,7 @@ def _write(out: Path, n_images: int, variant: str, seed: int) -> None:
 
 
 def synthetic_dir(size: int | str | None = None, seed: int = 0, cache_dir: str | Path | None = None) -> Path:
-    """The set's folder under ``cache_dir`` (default ``$MILE_DATA_DIR``, else ``~/.cache/mile_book``), named by a
-    hash of its settings; generated first if needed, atomically (no half-written set)."""
+    """The set's folder in ``cache_dir`` ($MILE_DATA_DIR, ~/.cache/mile_book) named by its settings; made atomically."""
     n_images, variant = parse_size(size)
     base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     spec = json.dumps({"version": GENERATOR_VERSION, "n_images": n_images, "seed": seed,
