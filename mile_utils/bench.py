@@ -108,11 +108,13 @@ def benchmark_spec(spec: str, profile: str, steps: int | None, repeats: int, bat
         ref_memory, model = peak_memory(dev), build()
         ours_epoch(model, dataset, on_step=ref_step)  # warm-up of this model and of the alternation
         ours, ref = [], []
+        gc.disable()  # as timeit: a collection would land in one loop's step at random (free_memory collects)
         for _ in range(repeats):
             done = len(ref_steps)
             ours.append(ours_epoch(model, dataset, on_step=ref_step))
             ref.append({"seconds": sum(ref_steps[done:]), "checkpoint_s": ref_checkpoint()})
             ours[-1]["seconds"] -= ref[-1]["seconds"]  # the epoch's time less the reference steps inside it
+        gc.enable()
     n_images = len({r.img_name for r in dataset.records})
     ours_rates = [_rate(o["seconds"], samples, o["checkpoint_s"], o["cache_s"] / n_images if o["cached"]["vit"]
                         else 0.0) for o in ours]

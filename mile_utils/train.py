@@ -176,7 +176,7 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_memory(device: torch.device) -> dict[str, Any]:
-    """The peak since :func:`reset_peak_memory`: CUDA max allocated, or the process's peak RSS (not Linux: ever)."""
+    """The peak since :func:`reset_peak_memory`: CUDA max allocated, or the process's peak RSS (off Linux: lifetime)."""
     if device.type == "cuda":
         return {"peak_bytes": int(torch.cuda.max_memory_allocated(device)), "kind": "cuda_max_allocated"}
     if sys.platform.startswith("linux"):
