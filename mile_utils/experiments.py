@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache, partial
 from importlib import resources
@@ -29,12 +30,13 @@ from .adapters import METHODS, RANKED, AdapterSpec, apply_spec, count_parameters
 from .checkpoints import load_weights
 from .data import ImageTransform, VQADataset, load_records
 from .evaluate import evaluate_model
-from .files import atomic_folder, write_json
+from .files import atomic_folder, folder_lock, write_json
 from .model import build_model, build_tokenizer
 from .profiles import PROFILES, get_profile
 from .train import CHECKPOINT_NAME, make_accelerator, train_model
 
 RESULTS_NAME, WEIGHTS_DIR = "results.json", "weights"
+RUN_LOCK_TIMEOUT_S = 3 * 24 * 3600.0  # how long a process waits for another's run: longer than a paper-size run
 # where a run's inputs lie: they enter its identity by content (data, weights, tokenizer) or not at all
 _LOCATIONS = ("out", "checkpoint", "tokenizer", "root", "path", "size")
 _RECORD_CONTENT = ("qid", "img_name", "question", "answer", "answer_type", "content_type", "q_lang", "prompts")
@@ -219,56 +221,68 @@ def build_run(cfg: RunConfig) -> tuple[Any, Any]:
 
 
 def run_experiment(config: RunConfig, resume: bool = False, *, skip_finished: bool = False,
-                   keep_checkpoint: bool = False, progress: bool = True) -> dict[str, Any]:
+                   keep_checkpoint: bool = False, progress: bool = True,
+                   lock_timeout_s: float = RUN_LOCK_TIMEOUT_S) -> dict[str, Any]:
     """Train and evaluate ``config`` into ``out/``. ``resume`` continues from the last epoch's checkpoint (deleted at
-    the end unless ``keep_checkpoint``); with it or ``skip_finished`` a finished run of this identity is returned."""
+    the end unless ``keep_checkpoint``); with it or ``skip_finished`` a finished run of this identity is returned.
+    The run folder is locked while it trains: a process asking for the same run meanwhile waits for its results."""
     cfg = config.resolved()
     out = Path(cfg.out)
     wall_start = time.perf_counter()
     train_records, eval_records = _load_data(cfg)
     identity = run_identity(cfg, train_records, eval_records)
-    done = load_results(out)
-    if done is not None and (resume or skip_finished) and done.get("identity", {}).get("key") == identity["key"]:
+
+    def finished() -> dict[str, Any] | None:
+        done = load_results(out)
+        same = done is not None and done.get("identity", {}).get("key") == identity["key"]
+        return done if same and (resume or skip_finished) else None
+    if (done := finished()) is not None:
         return done  # found wherever the folder lies now, even read-only
     try:  # fail before any training if out cannot hold the results (not after an hour of GPU time)
         out.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out).close()
     except OSError as err:
         raise PermissionError(f"run folder {out} is not writable ({err.strerror or err}): use another --out") from err
-    if "adalora" in cfg.spec.methods.values():  # its rank budget schedule spans the run's optimiser steps
-        steps = cfg.epochs * -(-len(train_records) // cfg.batch_size) // cfg.grad_accum
-        cfg.spec = replace(cfg.spec, total_step=max(1, steps))
-    transform = ImageTransform(get_profile(cfg.profile).image_size, reference_quirk=cfg.reference_quirk)
     acc = make_accelerator(cfg.grad_accum, cfg.mixed_precision)
-    tokenizer, model = build_run(cfg)
-    trained = train_model(model, tokenizer, VQADataset(train_records, transform, train=True, seed=cfg.seed), cfg,
-                          out_dir=out, resume=resume, run_key=identity["key"], accelerator=acc, progress=progress)
-    if acc.is_main_process:
-        eval_start = time.perf_counter()
-        evaluated = evaluate_model(
-            model, tokenizer, cfg.profile, VQADataset(eval_records, transform, train=False, seed=cfg.seed), out_dir=out,
-            batch_size=cfg.eval_batch_size or 64, device=acc.device, autocast=acc.autocast, use_cache=cfg.use_cache,
-            dtype=torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32,
-            reference_quirk=cfg.reference_quirk, progress=progress)
-        eval_s, train_s = time.perf_counter() - eval_start, trained["train_seconds"]
-        save_adapters(model, out / WEIGHTS_DIR)
-        write_json(out / RESULTS_NAME, {
-            "config": cfg.to_dict(), "identity": identity, "params": count_parameters(model),
-            "metrics": evaluated["metrics"], "history": trained["history"],
-            "data": {"train": len(train_records), "eval": len(eval_records), "eval_split": cfg.eval_split,
-                     "train_images": len({r.img_name for r in train_records})},
-            "timing": {"wall_s": round(time.perf_counter() - wall_start, 3), "train_s": round(train_s, 3),
-                       "cache_s": round(trained["cache_seconds"], 3), "eval_s": round(eval_s, 3),
-                       "train_samples_per_s": round(trained["samples"] / max(train_s, 1e-9), 3),
-                       "resumed_from_epoch": trained["resumed_from_epoch"]},
-            "cache": {**trained["cached"], "eval_bytes": evaluated["cache"]["bytes"]},
-            # the training loop's peak (reset at its start); the frozen-feature precompute lies on the CPU apart
-            "memory": {**trained["memory"], "cache_bytes": trained["cached"]["bytes"]},
-            "environment": environment(acc), "files": {"predictions": "predictions.jsonl", "weights": WEIGHTS_DIR},
-        })
-        if not keep_checkpoint:
-            (out / CHECKPOINT_NAME).unlink(missing_ok=True)
-    acc.wait_for_everyone()
+    # one lock per run, held by the main process (data-parallel ranks wait for it at the barrier)
+    with folder_lock(out, lock_timeout_s) if acc.is_main_process else nullcontext():
+        acc.wait_for_everyone()
+        if (done := finished()) is not None:  # another process trained it while this one waited
+            return done
+        if "adalora" in cfg.spec.methods.values():  # its rank budget schedule spans the run's optimiser steps
+            steps = cfg.epochs * -(-len(train_records) // cfg.batch_size) // cfg.grad_accum
+            cfg.spec = replace(cfg.spec, total_step=max(1, steps))
+        transform = ImageTransform(get_profile(cfg.profile).image_size, reference_quirk=cfg.reference_quirk)
+        tokenizer, model = build_run(cfg)
+        trained = train_model(model, tokenizer, VQADataset(train_records, transform, train=True, seed=cfg.seed), cfg,
+                              out_dir=out, resume=resume, run_key=identity["key"], accelerator=acc, progress=progress)
+        if acc.is_main_process:
+            eval_start = time.perf_counter()
+            evaluated = evaluate_model(
+                model, tokenizer, cfg.profile, VQADataset(eval_records, transform, train=False, seed=cfg.seed),
+                out_dir=out, batch_size=cfg.eval_batch_size or 64, device=acc.device, autocast=acc.autocast,
+                use_cache=cfg.use_cache,
+                dtype=torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32,
+                reference_quirk=cfg.reference_quirk, progress=progress)
+            eval_s, train_s = time.perf_counter() - eval_start, trained["train_seconds"]
+            save_adapters(model, out / WEIGHTS_DIR)
+            write_json(out / RESULTS_NAME, {
+                "config": cfg.to_dict(), "identity": identity, "params": count_parameters(model),
+                "metrics": evaluated["metrics"], "history": trained["history"],
+                "data": {"train": len(train_records), "eval": len(eval_records), "eval_split": cfg.eval_split,
+                         "train_images": len({r.img_name for r in train_records})},
+                "timing": {"wall_s": round(time.perf_counter() - wall_start, 3), "train_s": round(train_s, 3),
+                           "cache_s": round(trained["cache_seconds"], 3), "eval_s": round(eval_s, 3),
+                           "train_samples_per_s": round(trained["samples"] / max(train_s, 1e-9), 3),
+                           "resumed_from_epoch": trained["resumed_from_epoch"]},
+                "cache": {**trained["cached"], "eval_bytes": evaluated["cache"]["bytes"]},
+                # the training loop's peak (reset at its start); the frozen-feature precompute lies on the CPU apart
+                "memory": {**trained["memory"], "cache_bytes": trained["cached"]["bytes"]},
+                "environment": environment(acc), "files": {"predictions": "predictions.jsonl", "weights": WEIGHTS_DIR},
+            })
+            if not keep_checkpoint:
+                (out / CHECKPOINT_NAME).unlink(missing_ok=True)
+        acc.wait_for_everyone()
     return load_results(out)  # type: ignore[return-value]
 
 

@@ -136,3 +136,34 @@ def test_cli_is_generated_from_the_run_config(monkeypatch, capsys):
     assert main(["train", "--vit", "loraa"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err and "loraa" in err
+
+
+def test_a_run_asked_for_twice_at_once_trains_once(tmp_path, monkeypatch):
+    """Chapters built side by side share runs: the second caller waits on the run folder's lock, then reads."""
+    import threading
+
+    import mile_utils.experiments as experiments
+
+    trained, train = [], experiments.train_model
+    monkeypatch.setattr(experiments, "train_model", lambda *a, **k: trained.append(1) or train(*a, **k))
+    config = RunConfig(spec="F/F/lora", out=str(tmp_path / "run"), **{**FAST, "epochs": 1})
+    results = [None, None]
+
+    def ask(i: int) -> None:
+        results[i] = run_experiment(config, skip_finished=True, progress=False)
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert trained == [1] and results[0] == results[1] is not None  # the same results.json, timings included
+
+
+def test_waiting_for_a_locked_run_times_out_naming_the_lock(tmp_path, monkeypatch):
+    import mile_utils.experiments as experiments
+    from mile_utils.files import folder_lock
+
+    monkeypatch.setattr(experiments, "train_model", lambda *a, **k: pytest.fail("trained under another's lock"))
+    out = tmp_path / "run"
+    with folder_lock(out, timeout_s=1), pytest.raises(TimeoutError, match=r"\.lock stayed locked for 0 s"):
+        run_experiment(RunConfig(out=str(out), **FAST), skip_finished=True, progress=False, lock_timeout_s=0.2)
