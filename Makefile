@@ -88,15 +88,16 @@ $(EXECUTED_NB)/%.ipynb: notebooks/%.ipynb FORCE | $(EXECUTED_NB)
 $(EXECUTED_NB):
 	mkdir -p $@
 # started in this order: chapter 10 (it trains the most), chapter 1 (it trains nothing: beside the stand-in's
-# training, which the others wait for), then the rest
-executed-notebooks: $(filter %/10_beyond_the_paper.ipynb,$(EXECUTED_NBS)) $(EXECUTED_NBS)
+# training, which the others wait for), the rest, chapter 7 last but one (it reads back the runs of 2-6)
+BOOK_ORDER = $(filter %/10_beyond_the_paper.ipynb,$(1)) $(filter-out %/07_component_ablation.ipynb,$(1))
+executed-notebooks: $(call BOOK_ORDER,$(EXECUTED_NBS))
 FORCE:
 
 notebooks: venv $(KERNEL_CONFIG)
 	mkdir -p $(EXECUTED_NB) $(RUNS_DIR)
 	: > $(EXECUTED)/timings.txt
 	start=$$(date +%s); $(MAKE) --no-print-directory -j$(JOBS) executed-notebooks && \
-	  echo "all notebooks, $(JOBS) at a time, $(or $(THREADS),default) torch threads each: $$(( $$(date +%s) - start )) s" \
+	  echo "all notebooks, $(JOBS) at a time, torch threads per notebook: $(or $(THREADS),default): $$(( $$(date +%s) - start )) s" \
 	  | tee -a $(EXECUTED)/timings.txt
 	$(PY) tests/check_notebook_outputs.py $(EXECUTED_NB)/*.ipynb
 	@# papermill's injected-parameters cell is plumbing, like the parameters cell it overrides: out of the book
@@ -141,7 +142,7 @@ $(NBTEST)/notebooks/%.ipynb: notebooks/%.ipynb FORCE
 	@start=$$(date +%s); $(THREAD_ENV) $(call execute_nb,$<,$@,$(TEST_CELL_TIMEOUT),$(SMOKE_PARAMS) \
 	  $$(grep -q '"methods = ' $< && echo "-p methods $(SMOKE_METHODS)"),$(NBTEST)/notebooks); \
 	  echo "$(notdir $@) (smoke): $$(( $$(date +%s) - start )) s"
-smoke-notebooks: $(filter %/10_beyond_the_paper.ipynb,$(SMOKE_NBS)) $(SMOKE_NBS)
+smoke-notebooks: $(call BOOK_ORDER,$(SMOKE_NBS))
 
 test-notebooks: venv $(KERNEL_CONFIG)
 	rm -rf $(NBTEST) && mkdir -p $(NBTEST)/notebooks

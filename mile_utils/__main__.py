@@ -104,10 +104,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p = command("bench", cmd_bench, "samples/s, peak memory: our loop vs the reference", "profile", "batch_size")
     p.add_argument("--steps", type=int, default=None, help="steps per timed epoch")
-    p.add_argument("--repeats", type=int, default=7, help="timed epochs, each step of ours then one of the reference")
+    p.add_argument("--repeats", type=int, default=41, help="timed epochs, each step of ours then one of the reference")
     p.add_argument("--specs", nargs="*", default=None, help="e.g. T/T/T F/F/lora")
     p.add_argument("--device", default=None)
-    p.add_argument("--min-block-s", type=float, default=2.0, help="shortest epoch of ours when --steps is not given")
+    p.add_argument("--min-block-s", type=float, default=0.5, help="shortest epoch of ours when --steps is not given")
     return parser
 
 

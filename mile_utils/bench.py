@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import scipy.stats
 import torch
 
 from .adapters import apply_spec, count_parameters
@@ -47,13 +48,18 @@ def _rate(seconds: float, samples: int, ckpt_s: float, cache_per_image_s: float 
 
 
 def _stats(values: Sequence[float]) -> dict[str, Any]:
-    median = statistics.median(values)
-    return {"median": round(median, 4), "spread": round((max(values) - min(values)) / median, 4),
+    """Median, spread ((max - min) / median) and the median's distribution-free 95% interval: the order statistics
+    k and n + 1 - k with k the largest such that P(Binomial(n, 1/2) < k) <= 2.5% (n < 6: none)."""
+    ordered, median = sorted(values), statistics.median(values)
+    n = len(values)
+    k = max((j for j in range(1, n // 2 + 1) if scipy.stats.binom.cdf(j - 1, n, 0.5) <= 0.025), default=0)
+    ci = [round(ordered[k - 1], 4), round(ordered[-k], 4)] if k >= 1 else None
+    return {"median": round(median, 4), "ci95": ci, "spread": round((max(values) - min(values)) / median, 4),
             "values": [round(v, 4) for v in values]}
 
 
 def benchmark_spec(spec: str, profile: str, steps: int | None, repeats: int, batch_size: int, device: str,
-                   min_block_s: float = 2.0) -> dict:
+                   min_block_s: float = 0.5) -> dict:
     """One configuration (call it in a fresh process: :func:`run_benchmark`). ``steps`` per epoch, None: as many as
     make our epoch last ``min_block_s``, timed on a warm-up, at least 4 (short epochs are mostly set-up)."""
     dev, prof, tokenizer = torch.device(device), get_profile(profile), build_tokenizer("tiny")  # fits every vocab
@@ -136,9 +142,9 @@ def benchmark_spec(spec: str, profile: str, steps: int | None, repeats: int, bat
                 "cached": ours[-1]["cached"]}}
 
 
-def run_benchmark(profile: str = "tiny", steps: int | None = None, repeats: int = 7,
+def run_benchmark(profile: str = "tiny", steps: int | None = None, repeats: int = 41,
                   batch_size: int | None = None, specs: Sequence[str] | None = None, device: str | None = None,
-                  timeout_s: float = 3600.0, min_block_s: float = 2.0) -> dict[str, Any]:
+                  timeout_s: float = 3600.0, min_block_s: float = 0.5) -> dict[str, Any]:
     """Benchmark ``specs`` (default :data:`DEFAULT_SPECS`), each in a fresh process. Defaults: ``steps`` chosen per
     spec (:func:`benchmark_spec`), ``batch_size`` the profile's (paper on a CPU: 2)."""
     prof = get_profile(profile)
@@ -163,11 +169,13 @@ def run_benchmark(profile: str = "tiny", steps: int | None = None, repeats: int 
 def format_table(report: dict[str, Any]) -> str:
     mib, rows = 2**20, {}
     for c in report["configs"]:
-        ours, ref = c["ours"], c["reference"]
-        rows[c["spec"]] = {"steps": c["steps"], "ours/s": ours["samples_per_s"]["median"], "ref/s": ref[
-            "samples_per_s"]["median"], "speedup": c["speedup"]["median"], "spread %": 100 * c["speedup"]["spread"],
-            "peak MiB": ours["peak_memory_bytes"] / mib, "ref MiB": ref["peak_memory_bytes"] / mib,
-            "cache MiB": ours["cached"]["bytes"] / mib, "train %": c["trainable_percent"]}
+        ours, ref, speedup = c["ours"], c["reference"], c["speedup"]
+        rows[c["spec"]] = {"steps": c["steps"], "ours/s": ours["samples_per_s"]["median"],
+                           "ref/s": ref["samples_per_s"]["median"], "speedup": speedup["median"],
+                           "95% CI": "–".join(f"{v:.2f}" for v in speedup["ci95"] or ()),
+                           "spread %": 100 * speedup["spread"], "peak MiB": ours["peak_memory_bytes"] / mib,
+                           "ref MiB": ref["peak_memory_bytes"] / mib, "cache MiB": ours["cached"]["bytes"] / mib,
+                           "train %": c["trainable_percent"]}
     return (f"benchmark: profile {report['profile']}, device {report['device']}, batch {report['batch_size']}, "
             f"{report['repeats']} repeats, the loops alternating step by step, each spec in its own process\n"
             + pd.DataFrame(rows).T.astype({"steps": int}).to_string(float_format="{:.2f}".format))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mile_utils.bench import format_table, run_benchmark
+from mile_utils.bench import _stats, format_table, run_benchmark
 
 
 def test_bench_alternates_step_by_step_in_a_fresh_process():
@@ -10,7 +10,7 @@ def test_bench_alternates_step_by_step_in_a_fresh_process():
     (config,) = report["configs"]
     assert config["spec"] == "F/F/lora" and config["steps"] == 2 and report["repeats"] == 2
     ours, ref = config["ours"], config["reference"]
-    # our epoch's time less the reference steps timed inside it: positive, and both loops timed every repeat
+    # each repeat's median step (ours: between two reference steps) times the steps: positive, every repeat
     assert all(s > 0 for s in ours["seconds"]["values"]) and len(ours["seconds"]["values"]) == 2
     assert all(s > 0 for s in ref["seconds"]["values"]) and len(ref["seconds"]["values"]) == 2
     assert ours["cached"]["vit"] and ours["cached"]["jtm"]  # F/F/*: the frozen parts precomputed
@@ -18,3 +18,10 @@ def test_bench_alternates_step_by_step_in_a_fresh_process():
     assert config["speedup"]["values"] == pytest.approx(ratios, rel=1e-3)
     assert ours["peak_memory_bytes"] > 0 and ref["peak_memory_bytes"] > 0
     assert "F/F/lora" in format_table(report)
+
+
+def test_the_median_interval_is_the_order_statistics_of_a_binomial():
+    # n = 7: only min and max leave less than 2.5% on each side (P = 1/128); n = 41: the 14th and 28th values
+    assert _stats([5, 1, 4, 2, 7, 3, 6])["ci95"] == [1, 7]
+    assert _stats([float(v) for v in range(41, 0, -1)])["ci95"] == [14.0, 28.0]
+    assert _stats([1.0, 2.0, 3.0])["ci95"] is None  # too few repeats for any 95% interval
