@@ -72,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> tuple[Any, str] | None:
 
 
 def cmd_bench(args: argparse.Namespace) -> tuple[Any, str]:
-    keys = ("profile", "steps", "repeats", "batch_size", "specs", "device", "min_block_s")
+    keys = ("profile", "steps", "repeats", "batch_size", "specs", "device")
     report = run_benchmark(**{k: getattr(args, k) for k in keys})
     return report, format_table(report)
 
@@ -103,11 +103,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoint", action="store_true", help="keep OUT/checkpoint.pt after the run")
     p.add_argument("--no-progress", action="store_true")
     p = command("bench", cmd_bench, "samples/s, peak memory: our loop vs the reference", "profile", "batch_size")
-    p.add_argument("--steps", type=int, default=None, help="steps per timed epoch")
-    p.add_argument("--repeats", type=int, default=41, help="timed epochs, each step of ours then one of the reference")
+    p.add_argument("--steps", type=int, default=16, help="steps per timed epoch (the same records every run)")
+    p.add_argument("--repeats", type=int, default=25, help="timed epochs, each step of ours then one of the reference")
     p.add_argument("--specs", nargs="*", default=None, help="e.g. T/T/T F/F/lora")
     p.add_argument("--device", default=None)
-    p.add_argument("--min-block-s", type=float, default=0.5, help="shortest epoch of ours when --steps is not given")
     return parser
 
 

@@ -10,7 +10,6 @@ SLAKE schedule (4,919 questions, 642 images, 130 epochs)."""
 from __future__ import annotations
 
 import gc
-import math
 import multiprocessing
 import os
 import statistics
@@ -58,10 +57,8 @@ def _stats(values: Sequence[float]) -> dict[str, Any]:
             "values": [round(v, 4) for v in values]}
 
 
-def benchmark_spec(spec: str, profile: str, steps: int | None, repeats: int, batch_size: int, device: str,
-                   min_block_s: float = 0.5) -> dict:
-    """One configuration (call it in a fresh process: :func:`run_benchmark`). ``steps`` per epoch, None: as many as
-    make our epoch last ``min_block_s``, timed on a warm-up, at least 4 (short epochs are mostly set-up)."""
+def benchmark_spec(spec: str, profile: str, steps: int, repeats: int, batch_size: int, device: str) -> dict:
+    """One configuration (call it in a fresh process: :func:`run_benchmark`), ``steps`` per epoch."""
     dev, prof, tokenizer = torch.device(device), get_profile(profile), build_tokenizer("tiny")  # fits every vocab
     build = lambda: apply_spec(build_model(profile, seed=0), spec, seed=0).to(dev)  # noqa: E731 (BLIP's ids fit)
     acc = make_accelerator(cpu=dev.type == "cpu")
@@ -74,13 +71,11 @@ def benchmark_spec(spec: str, profile: str, steps: int | None, repeats: int, bat
             acc.free_memory()  # the accelerator would otherwise keep every call's optimizer (and its state)
             return {**run["history"][0], "cache_s": run["cache_seconds"], "cached": run["cached"],
                     "memory": run["memory"]}
-        # warm-ups, one model alive at a time: allocators, kernels, each loop's own peak memory, our step time
-        model, warm_steps = build(), steps or 4
-        params, warm_data = count_parameters(model), _dataset(profile, warm_steps * batch_size, "validation")
+        # warm-ups, one model alive at a time: allocators, kernels, each loop's own peak memory
+        model = build()
+        params, warm_data = count_parameters(model), _dataset(profile, steps * batch_size, "validation")
         first = ours_epoch(model, warm_data, None)
-        # a first epoch holds one-off costs: time a second one unless the first is long (a paper-size CPU step)
-        warm_s = (first if first["seconds"] >= 5 * min_block_s else ours_epoch(model, warm_data, None))["seconds"]
-        steps = steps or max(warm_steps, math.ceil(min_block_s * warm_steps / warm_s))
+        # the same records in every run (a step count chosen by timing gave each run other questions to pad)
         dataset, samples = _dataset(profile, steps * batch_size, "train"), steps * batch_size
         del model, warm_data
         gc.collect()
@@ -142,24 +137,23 @@ def benchmark_spec(spec: str, profile: str, steps: int | None, repeats: int, bat
                 "cached": ours[-1]["cached"]}}
 
 
-def run_benchmark(profile: str = "tiny", steps: int | None = None, repeats: int = 41,
-                  batch_size: int | None = None, specs: Sequence[str] | None = None, device: str | None = None,
-                  timeout_s: float = 3600.0, min_block_s: float = 0.5) -> dict[str, Any]:
-    """Benchmark ``specs`` (default :data:`DEFAULT_SPECS`), each in a fresh process. Defaults: ``steps`` chosen per
-    spec (:func:`benchmark_spec`), ``batch_size`` the profile's (paper on a CPU: 2)."""
+def run_benchmark(profile: str = "tiny", steps: int = 16, repeats: int = 25, batch_size: int | None = None,
+                  specs: Sequence[str] | None = None, device: str | None = None,
+                  timeout_s: float = 3600.0) -> dict[str, Any]:
+    """Benchmark ``specs`` (default :data:`DEFAULT_SPECS`), each in a fresh process, ``repeats`` epochs of ``steps``
+    steps each; ``batch_size``: the profile's (paper on a CPU: 2)."""
     prof = get_profile(profile)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch_size = batch_size or (prof.batch_size if dev.type == "cuda" or prof.name == "tiny" else 2)
     configs, load = [], os.getloadavg()  # the machine's 1/5/15-min load: other processes slow both loops
     for spec in specs or DEFAULT_SPECS:
         with multiprocessing.get_context("spawn").Pool(1) as pool:  # leaving the block terminates the process
-            job = pool.apply_async(benchmark_spec, (spec, prof.name, steps, repeats, batch_size, str(dev),
-                                                    min_block_s))
+            job = pool.apply_async(benchmark_spec, (spec, prof.name, steps, repeats, batch_size, str(dev)))
             try:
                 configs.append(job.get(timeout=timeout_s))
             except multiprocessing.TimeoutError:
                 raise TimeoutError(f"benchmark of {spec} ({prof.name}) took over {timeout_s:.0f} s") from None
-    return {"profile": prof.name, "steps": steps or f"per spec, epochs of >= {min_block_s:g} s", "repeats": repeats,
+    return {"profile": prof.name, "steps": steps, "repeats": repeats,
             "batch_size": batch_size, "device": str(dev), "amortised_over": {
                 "train_questions": SLAKE_TRAIN_QUESTIONS, "images": SLAKE_TRAIN_IMAGES, "epochs": PAPER_EPOCHS},
             "environment": environment(make_accelerator(cpu=dev.type == "cpu")),
