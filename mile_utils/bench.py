@@ -142,6 +142,8 @@ def run_benchmark(profile: str = "tiny", steps: int = 16, repeats: int = 25, bat
                   timeout_s: float = 3600.0) -> dict[str, Any]:
     """Benchmark ``specs`` (default :data:`DEFAULT_SPECS`), each in a fresh process, ``repeats`` epochs of ``steps``
     steps each; ``batch_size``: the profile's (paper on a CPU: 2)."""
+    if steps < 2:
+        raise ValueError(f"steps {steps}: at least 2 (an epoch's first step holds its set-up and is not timed)")
     prof = get_profile(profile)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch_size = batch_size or (prof.batch_size if dev.type == "cuda" or prof.name == "tiny" else 2)

@@ -25,3 +25,8 @@ def test_the_median_interval_is_the_order_statistics_of_a_binomial():
     assert _stats([5, 1, 4, 2, 7, 3, 6])["ci95"] == [1, 7]
     assert _stats([float(v) for v in range(41, 0, -1)])["ci95"] == [14.0, 28.0]
     assert _stats([1.0, 2.0, 3.0])["ci95"] is None  # too few repeats for any 95% interval
+
+
+def test_one_step_epochs_are_refused_before_any_process_starts():
+    with pytest.raises(ValueError, match="steps 1: at least 2"):
+        run_benchmark("tiny", steps=1, repeats=3, specs=["F/F/lora"], device="cpu")
