@@ -5,7 +5,6 @@ run killed mid-write, never sees half of it and the previous version stays intac
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -54,21 +53,17 @@ def atomic_folder(path: str | os.PathLike[str], write: Callable[[Path], object],
 
 @contextmanager
 def folder_lock(folder: str | os.PathLike[str], timeout_s: float) -> Iterator[Path]:
-    """Hold ``folder/.lock`` while working in ``folder``: a second process waits (logged, not printed: a chapter
-    waiting for its neighbour's run is normal in the book), then finds the work done. The OS drops the lock of a
-    process that dies, so a killed run blocks nobody; past ``timeout_s`` the waiter raises, naming the lock."""
+    """Hold ``folder/.lock`` while working in ``folder``: a second process waits, then finds the work done. The OS
+    drops the lock of a process that dies, so a killed run blocks nobody; past ``timeout_s`` the waiter raises,
+    naming the lock."""
     Path(folder).mkdir(parents=True, exist_ok=True)
-    lock = FileLock(Path(folder) / ".lock")
+    lock = FileLock(Path(folder) / ".lock", timeout=timeout_s)
     try:
-        lock.acquire(timeout=0)
+        lock.acquire()
     except Timeout:
-        logging.getLogger(__name__).info("another process holds %s: waiting for it", lock.lock_file)
-        try:
-            lock.acquire(timeout=timeout_s)
-        except Timeout:
-            raise TimeoutError(f"{lock.lock_file} stayed locked for {timeout_s:.0f} s: another process is still "
-                               "working in this folder (a run of the same name); wait for it, or use another "
-                               "folder") from None
+        raise TimeoutError(f"{lock.lock_file} stayed locked for {timeout_s:.0f} s: another process is still "
+                           "working in this folder (a run of the same name); wait for it, or use another "
+                           "folder") from None
     try:
         yield Path(folder)
     finally:
