@@ -104,6 +104,22 @@ def test_vit_drop_path_acts_in_training_only_and_is_off_at_zero():
     assert not torch.equal(a, ref) and not torch.equal(a, b)  # a fresh draw per forward, per sample
 
 
+def test_vit_attention_matches_transformers_bit_for_bit():
+    """build_model's ViT attention (unbind, for speed) against transformers' own forward: same loss, same gradients."""
+    tok = build_tokenizer("tiny")
+    pixels = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    results = []
+    for ours in (True, False):
+        vit = component_modules(build_model("tiny", tok, seed=0).train())["vit"]
+        if not ours:  # back to the class's forward
+            for layer in vit.encoder.layers:
+                del layer.self_attn.forward
+        vit(pixel_values=pixels).last_hidden_state.square().mean().backward()
+        results.append([p.grad for p in vit.parameters()])
+    assert len(results[0]) == len(results[1]) > 10
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
 def test_text_dropout_acts_in_training_only():
     tok = build_tokenizer("tiny")
     model = build_model(replace(get_profile("tiny"), text_dropout=0.1), tok, seed=0)
