@@ -1,11 +1,11 @@
 """Benchmark, not a test: samples/s and peak memory of our loop (:func:`mile_utils.train.train_model`: frozen
 parts precomputed, trainable-only checkpoint) against a reference-style loop (as MILE/MISS: fp32, every component
-forward every step, model and optimizer saved each epoch), each configuration in a fresh process. Peak memory comes
+forward every step, model and optimizer saved each epoch), each configuration in fresh processes. Peak memory comes
 from warm-ups with one model alive; then the loops take turns step by step (one of ours, one of the reference), so
 a change of machine load hits both alike: a repeat's speedup is the ratio of their median step times (our step:
 from one reference step's end to the next one's start; the first of an epoch, which holds the run's set-up, is
-left out), the figure the median over repeats. Checkpoint and precompute costs are amortised over the paper's
-SLAKE schedule (4,919 questions, 642 images, 130 epochs)."""
+left out), the figure the median over all its processes' repeats. Checkpoint and precompute costs are amortised
+over the paper's SLAKE schedule (4,919 questions, 642 images, 130 epochs)."""
 
 from __future__ import annotations
 
@@ -125,41 +125,55 @@ def benchmark_spec(spec: str, profile: str, steps: int, repeats: int, batch_size
     ours_rates = [_rate(o["seconds"], samples, o["checkpoint_s"], o["cache_s"] / n_images if o["cached"]["vit"]
                         else 0.0) for o in ours]
     ref_rates = [_rate(r["seconds"], samples, r["checkpoint_s"]) for r in ref]
-
-    def loop(rates: list[float], runs: list[dict], memory: dict, *keys: str) -> dict[str, Any]:
-        return {"samples_per_s": _stats(rates), "peak_memory_bytes": memory["peak_bytes"]} | {
-            k: _stats([r[k] for r in runs]) for k in keys}
     return {"spec": spec, "steps": steps, "trainable_percent": round(params["percent"], 4),
-            "speedup": _stats([a / b for a, b in zip(ours_rates, ref_rates, strict=True)]),
             "memory_kind": first["memory"]["kind"],
-            "reference": loop(ref_rates, ref, ref_memory, "seconds", "checkpoint_s"),
-            "ours": loop(ours_rates, ours, first["memory"], "seconds", "checkpoint_s", "cache_s") | {
-                "cached": ours[-1]["cached"]}}
+            "speedup": [a / b for a, b in zip(ours_rates, ref_rates, strict=True)],
+            "reference": {"samples_per_s": ref_rates, "peak_memory_bytes": ref_memory["peak_bytes"],
+                          **{k: [r[k] for r in ref] for k in ("seconds", "checkpoint_s")}},
+            "ours": {"samples_per_s": ours_rates, "peak_memory_bytes": first["memory"]["peak_bytes"],
+                     **{k: [o[k] for o in ours] for k in ("seconds", "checkpoint_s", "cache_s")},
+                     "cached": ours[-1]["cached"]}}
 
 
-def run_benchmark(profile: str = "tiny", steps: int = 16, repeats: int = 25, batch_size: int | None = None,
-                  specs: Sequence[str] | None = None, device: str | None = None,
+def _pool(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One configuration's processes together: every figure's repeats pooled (:func:`_stats`), the largest peak
+    memory, and each process's median speedup (how far a process's own state moves it)."""
+    def pooled(loop: str) -> dict[str, Any]:
+        lists = [k for k, v in parts[0][loop].items() if isinstance(v, list)]
+        return parts[0][loop] | {k: _stats([v for p in parts for v in p[loop][k]]) for k in lists} | {
+            "peak_memory_bytes": max(p[loop]["peak_memory_bytes"] for p in parts)}
+    return parts[0] | {"speedup": _stats([v for p in parts for v in p["speedup"]]), "ours": pooled("ours"),
+                       "reference": pooled("reference"),
+                       "speedup_per_process": [round(statistics.median(p["speedup"]), 4) for p in parts]}
+
+
+def run_benchmark(profile: str = "tiny", steps: int = 16, repeats: int = 24, processes: int = 3,
+                  batch_size: int | None = None, specs: Sequence[str] | None = None, device: str | None = None,
                   timeout_s: float = 3600.0) -> dict[str, Any]:
-    """Benchmark ``specs`` (default :data:`DEFAULT_SPECS`), each in a fresh process, ``repeats`` epochs of ``steps``
-    steps each; ``batch_size``: the profile's (paper on a CPU: 2)."""
+    """Benchmark ``specs`` (default :data:`DEFAULT_SPECS`): ``repeats`` epochs of ``steps`` steps each, split among
+    ``processes`` fresh processes per spec, the specs taking turns (a process's own state, its memory layout, moved a
+    frozen-encoder ratio by 6-8% between single-process runs); ``batch_size``: the profile's (paper on a CPU: 2)."""
     if steps < 2:
         raise ValueError(f"steps {steps}: at least 2 (an epoch's first step holds its set-up and is not timed)")
+    if not 1 <= processes <= repeats:
+        raise ValueError(f"processes {processes}: from 1 to repeats ({repeats}), each process timing one or more")
     prof = get_profile(profile)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch_size = batch_size or (prof.batch_size if dev.type == "cuda" or prof.name == "tiny" else 2)
-    configs, load = [], os.getloadavg()  # the machine's 1/5/15-min load: other processes slow both loops
-    for spec in specs or DEFAULT_SPECS:
+    parts, load = {spec: [] for spec in specs or DEFAULT_SPECS}, os.getloadavg()  # other processes slow both loops
+    for i, (spec, done) in enumerate((s, d) for p in range(processes) for s, d in parts.items()):
         with multiprocessing.get_context("spawn").Pool(1) as pool:  # leaving the block terminates the process
-            job = pool.apply_async(benchmark_spec, (spec, prof.name, steps, repeats, batch_size, str(dev)))
+            n = repeats // processes + (i // len(parts) < repeats % processes)
+            job = pool.apply_async(benchmark_spec, (spec, prof.name, steps, n, batch_size, str(dev)))
             try:
-                configs.append(job.get(timeout=timeout_s))
+                done.append(job.get(timeout=timeout_s))
             except multiprocessing.TimeoutError:
                 raise TimeoutError(f"benchmark of {spec} ({prof.name}) took over {timeout_s:.0f} s") from None
-    return {"profile": prof.name, "steps": steps, "repeats": repeats,
+    return {"profile": prof.name, "steps": steps, "repeats": repeats, "processes": processes,
             "batch_size": batch_size, "device": str(dev), "amortised_over": {
                 "train_questions": SLAKE_TRAIN_QUESTIONS, "images": SLAKE_TRAIN_IMAGES, "epochs": PAPER_EPOCHS},
             "environment": environment(make_accelerator(cpu=dev.type == "cpu")),
-            "load_average": {"start": load, "end": os.getloadavg()}, "configs": configs}
+            "load_average": {"start": load, "end": os.getloadavg()}, "configs": [_pool(p) for p in parts.values()]}
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -169,9 +183,11 @@ def format_table(report: dict[str, Any]) -> str:
         rows[c["spec"]] = {"steps": c["steps"], "ours/s": ours["samples_per_s"]["median"],
                            "ref/s": ref["samples_per_s"]["median"], "speedup": speedup["median"],
                            "95% CI": "–".join(f"{v:.2f}" for v in speedup["ci95"] or ()),
+                           "per process": " ".join(f"{v:.2f}" for v in c["speedup_per_process"]),
                            "spread %": 100 * speedup["spread"], "peak MiB": ours["peak_memory_bytes"] / mib,
                            "ref MiB": ref["peak_memory_bytes"] / mib, "cache MiB": ours["cached"]["bytes"] / mib,
                            "train %": c["trainable_percent"]}
     return (f"benchmark: profile {report['profile']}, device {report['device']}, batch {report['batch_size']}, "
-            f"{report['repeats']} repeats, the loops alternating step by step, each spec in its own process\n"
+            f"{report['repeats']} repeats in {report['processes']} fresh processes per spec, the loops alternating "
+            "step by step\n"
             + pd.DataFrame(rows).T.astype({"steps": int}).to_string(float_format="{:.2f}".format))

@@ -5,10 +5,11 @@ import pytest
 from mile_utils.bench import _stats, format_table, run_benchmark
 
 
-def test_bench_alternates_step_by_step_in_a_fresh_process():
-    report = run_benchmark("tiny", steps=2, repeats=2, specs=["F/F/lora"], device="cpu", timeout_s=600)
+def test_bench_alternates_step_by_step_in_fresh_processes_and_pools_them():
+    report = run_benchmark("tiny", steps=2, repeats=2, processes=2, specs=["F/F/lora"], device="cpu", timeout_s=600)
     (config,) = report["configs"]
     assert config["spec"] == "F/F/lora" and config["steps"] == 2 and report["repeats"] == 2
+    assert report["processes"] == 2 and len(config["speedup_per_process"]) == 2  # one repeat in each process
     ours, ref = config["ours"], config["reference"]
     # each repeat's median step (ours: between two reference steps) times the steps: positive, every repeat
     assert all(s > 0 for s in ours["seconds"]["values"]) and len(ours["seconds"]["values"]) == 2
@@ -30,3 +31,5 @@ def test_the_median_interval_is_the_order_statistics_of_a_binomial():
 def test_one_step_epochs_are_refused_before_any_process_starts():
     with pytest.raises(ValueError, match="steps 1: at least 2"):
         run_benchmark("tiny", steps=1, repeats=3, specs=["F/F/lora"], device="cpu")
+    with pytest.raises(ValueError, match="processes 4: from 1 to repeats"):
+        run_benchmark("tiny", steps=2, repeats=3, processes=4, specs=["F/F/lora"], device="cpu")
