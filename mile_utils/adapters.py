@@ -6,7 +6,6 @@ keys/values we prepend in each self-attention (peft does it for a whole model on
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import types
@@ -25,9 +24,9 @@ from .files import atomic_write, write_json
 from .model import COMPONENTS, build_model  # model.py never imports this module: no cycle
 from .profiles import Profile, get_profile
 
-PEFT = ("lora", "dora", "qlora", "ia3", "vera", "loha", "lokr", "adalora", "oft", "ln")  # peft tuners in place
+PEFT = ("lora", "dora", "ia3", "vera", "loha", "lokr", "adalora", "oft", "ln")  # peft tuners in place
 METHODS: tuple[str, ...] = ("F", "T", *PEFT, "prefix", "ptv2")  # the vocabulary of the spec and of the CLI
-RANKED = ("lora", "dora", "qlora", "loha", "lokr", "adalora")  # the methods the spec's rank sets (AdaLoRA: target)
+RANKED = ("lora", "dora", "loha", "lokr", "adalora")  # the methods the spec's rank sets (AdaLoRA: target)
 REFUSED: dict[tuple[str, str], str] = {("vit", m): "the ViT has no token prompt to prepend to (the study tunes "
                                        "prefixes of the text stacks only)" for m in ("prefix", "ptv2")}  # the reason
 # the reference's LoRA targets: text query/value of self- and cross-attention; ViT every Linear, the patch Conv2d
@@ -117,7 +116,7 @@ def _peft_config(spec: AdapterSpec, comp: str, component: nn.Module) -> peft.Pef
     lora = {"r": spec.rank, "lora_alpha": spec.lora_alpha, "lora_dropout": spec.lora_dropout, "bias": "none"}
     norms = sorted({n.rsplit(".", 1)[-1] for n, m in component.named_modules() if isinstance(m, nn.LayerNorm)})
     cls, options = {
-        "lora": (peft.LoraConfig, lora), "qlora": (peft.LoraConfig, lora),
+        "lora": (peft.LoraConfig, lora),
         "dora": (peft.LoraConfig, {**lora, "use_dora": True}),
         "ia3": (peft.IA3Config, {"target_modules": ia3, "feedforward_modules": ia3_ff}),
         "vera": (peft.VeraConfig, {"target_modules": linear, "save_projection": False}),
@@ -177,23 +176,6 @@ def _add_prefix(spec: AdapterSpec, component: nn.Module, method: str, inject: bo
         component.register_forward_pre_hook(_prefix_kv)
 
 
-def _quantize_4bit(component: nn.Module, comp: str) -> None:
-    """QLoRA's base: the component's Linear layers as bitsandbytes NF4 layers (quantised when moved to CUDA)."""
-    if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
-        raise RuntimeError(f"{comp}: qlora needs a CUDA GPU and bitsandbytes (pip install bitsandbytes) for its "
-                           f"4-bit base; CUDA: {torch.cuda.is_available()}; use lora on this machine")
-    import bitsandbytes as bnb
-    tied = {id(p) for p in component.get_output_embeddings().parameters()} if comp == "dec" else set()
-    for parent in list(component.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and id(child.weight) not in tied:  # the LM head is the embeddings
-                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                          compute_dtype=child.weight.dtype, quant_type="nf4")
-                layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
-                layer.bias = child.bias
-                setattr(parent, name, layer.cuda())
-
-
 def apply_spec(model: nn.Module, spec: AdapterSpec | str, *, seed: int | None = None) -> nn.Module:
     """Freeze ``model``, then make each component trainable, adapt it, or leave it frozen; returns ``model``.
     ``seed`` seeds the adapters' initialisation (the global RNG is restored after)."""
@@ -211,8 +193,6 @@ def apply_spec(model: nn.Module, spec: AdapterSpec | str, *, seed: int | None = 
             elif method in ("prefix", "ptv2"):
                 _add_prefix(spec, component, method, inject=not (comp == "jtm" and spec.jtm_prefix_noop))
             elif method in PEFT:
-                if method == "qlora":
-                    _quantize_4bit(component, comp)
                 config = _peft_config(spec, comp, component)
                 # what peft.inject_adapter_in_model does, keeping the tuner: VeRA's shared projections and
                 # AdaLoRA's rank allocator live on it (inject refuses VeRA for that reason)

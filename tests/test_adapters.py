@@ -33,7 +33,7 @@ from mile_utils.model import COMPONENTS, build_model, build_tokenizer
 
 # each method on every component that takes it; T with a frozen JTM between trained components
 CASES = ["T/F/T"] + ["/".join(m if (c, m) not in REFUSED else "F" for c in COMPONENTS)
-                     for m in METHODS if m not in ("F", "T", "qlora")]
+                     for m in METHODS if m not in ("F", "T")]
 MIXED = ["lora/ia3/T", "dora/vera/ln", "oft/adalora/lokr", "loha/ptv2/prefix"]  # every method, with generate
 # what each method adds to the component (peft's parameter names; the prefix encoder is ours)
 MARKERS = {"lora": ".lora_", "dora": ".lora_", "adalora": ".lora_", "ia3": ".ia3_l.", "vera": ".vera_lambda_",
@@ -143,7 +143,7 @@ def test_spec_parse_str_and_dict():
     spec = AdapterSpec(vit="IA3", jtm="Prefix", dec="DoRA")
     assert spec.methods == {"vit": "ia3", "jtm": "prefix", "dec": "dora"}
     assert set(METHODS) == {"F", "T", "lora", "ia3", "prefix", "ptv2", "dora", "vera", "loha", "lokr", "adalora",
-                            "oft", "ln", "qlora"}
+                            "oft", "ln"}
     defaults = AdapterSpec()
     settings = (defaults.rank, defaults.lora_alpha, defaults.lora_dropout, defaults.num_virtual_tokens)
     assert settings == (4, 32, 0.1, 10)
@@ -242,13 +242,6 @@ def test_lora_and_ia3_targets():
         model = apply_spec(_model(), f"{method}/F/F")
         assert {n.rsplit(".", 1)[1] for n, m in model.named_modules() if hasattr(m, "base_layer")} == set(
             LORA_TARGETS["vit"]) - {"patch_embedding"}
-
-
-def test_qlora_fails_cleanly_without_cuda_or_bitsandbytes():
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA machine: qlora can run here")
-    with pytest.raises(RuntimeError, match="qlora needs (bitsandbytes|a CUDA GPU)"):
-        apply_spec(_model(), "F/F/qlora")
 
 
 def test_adalora_budget_is_allocated_and_saved(batch, tmp_path):
@@ -392,7 +385,7 @@ def test_parameter_report_meta_and_tiny():
     assert paper["total"] == 361_478_972
     assert {k: v["total"] for k, v in paper["components"].items()} == {
         "vit": 86_339_328, "jtm": 137_258_496, "dec": 137_881_148}
-    for method in set(METHODS) - {"F", "T", "qlora"}:  # the spec's rank sizes the RANKED methods, and only them
+    for method in set(METHODS) - {"F", "T"}:  # the spec's rank sizes the RANKED methods, and only them
         counts = [parameter_report(AdapterSpec.parse(f"F/F/{method}", rank=r), "tiny")["trainable"] for r in (4, 8)]
         # (AdaLoRA's rank is its target budget: it starts at init_r 12 whatever the rank)
         assert (counts[0] != counts[1]) == (method in RANKED and method != "adalora"), method
