@@ -161,7 +161,7 @@ def run_benchmark(profile: str = "tiny", steps: int = 16, repeats: int = 24, pro
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch_size = batch_size or (prof.batch_size if dev.type == "cuda" or prof.name == "tiny" else 2)
     parts, load = {spec: [] for spec in specs or DEFAULT_SPECS}, os.getloadavg()  # other processes slow both loops
-    for i, (spec, done) in enumerate((s, d) for p in range(processes) for s, d in parts.items()):
+    for i, (spec, done) in enumerate((s, d) for _ in range(processes) for s, d in parts.items()):
         with multiprocessing.get_context("spawn").Pool(1) as pool:  # leaving the block terminates the process
             n = repeats // processes + (i // len(parts) < repeats % processes)
             job = pool.apply_async(benchmark_spec, (spec, prof.name, steps, n, batch_size, str(dev)))

@@ -27,11 +27,13 @@ CASES = {"tiny": (("T/T/T", "F/F/lora"), 32, 12, 5), "paper": (("F/F/lora", "F/l
 profiles, out = sys.argv[1].split(","), Path(sys.argv[2])
 only = sys.argv[3].split(",") if len(sys.argv) > 3 else None
 acc, tokenizer = make_accelerator(cpu=True), build_tokenizer("tiny")  # fp32; bf16 from the autocast around it
-kept = [c for c in json.loads(out.read_text())["configs"] if c["spec"] not in only] if only and out.exists() else []
+measured = {(p, s) for p in profiles for s in CASES[p][0] if only is None or s in only}
+earlier = json.loads(out.read_text())["configs"] if only and out.exists() else []  # rows of other configurations stay
+kept = [c for c in earlier if (c["profile"], c["spec"]) not in measured]
 report = {"environment": environment(acc), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "configs": kept}
 for profile in profiles:
     specs, batch, steps, repeats = CASES[profile]
-    for spec in (s for s in specs if only is None or s in only):
+    for spec in (s for s in specs if (profile, s) in measured):
         model = apply_spec(build_model(profile, seed=0), spec, seed=0)
         data = _dataset(profile, steps * batch, "train")
         options = RunConfig(profile=profile, spec=spec, epochs=1, batch_size=batch).resolved()
