@@ -57,8 +57,11 @@ def _stats(values: Sequence[float]) -> dict[str, Any]:
             "values": [round(v, 4) for v in values]}
 
 
-def benchmark_spec(spec: str, profile: str, steps: int, repeats: int, batch_size: int, device: str) -> dict:
+def benchmark_spec(spec: str, profile: str, steps: int, repeats: int, batch_size: int, device: str,
+                   threads: int | None = None) -> dict:
     """One configuration (call it in a fresh process: :func:`run_benchmark`), ``steps`` per epoch."""
+    if threads:
+        torch.set_num_threads(threads)
     dev, prof, tokenizer = torch.device(device), get_profile(profile), build_tokenizer("tiny")  # fits every vocab
     build = lambda: apply_spec(build_model(profile, seed=0), spec, seed=0).to(dev)  # noqa: E731 (BLIP's ids fit)
     acc = make_accelerator(cpu=dev.type == "cpu")
@@ -125,7 +128,8 @@ def benchmark_spec(spec: str, profile: str, steps: int, repeats: int, batch_size
     ours_rates = [_rate(o["seconds"], samples, o["checkpoint_s"], o["cache_s"] / n_images if o["cached"]["vit"]
                         else 0.0) for o in ours]
     ref_rates = [_rate(r["seconds"], samples, r["checkpoint_s"]) for r in ref]
-    return {"spec": spec, "steps": steps, "trainable_percent": round(params["percent"], 4),
+    return {"spec": spec, "steps": steps, "torch_threads": torch.get_num_threads(),
+            "trainable_percent": round(params["percent"], 4),
             "memory_kind": first["memory"]["kind"],
             "speedup": [a / b for a, b in zip(ours_rates, ref_rates, strict=True)],
             "reference": {"samples_per_s": ref_rates, "peak_memory_bytes": ref_memory["peak_bytes"],
@@ -147,12 +151,15 @@ def _pool(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
                        "speedup_per_process": [round(statistics.median(p["speedup"]), 4) for p in parts]}
 
 
-def run_benchmark(profile: str = "tiny", steps: int = 16, repeats: int = 24, processes: int = 3,
+def run_benchmark(profile: str = "tiny", steps: int = 16, repeats: int = 24, processes: int = 6,
                   batch_size: int | None = None, specs: Sequence[str] | None = None, device: str | None = None,
-                  timeout_s: float = 3600.0) -> dict[str, Any]:
+                  threads: int | None = None, timeout_s: float = 3600.0) -> dict[str, Any]:
     """Benchmark ``specs`` (default :data:`DEFAULT_SPECS`): ``repeats`` epochs of ``steps`` steps each, split among
-    ``processes`` fresh processes per spec, the specs taking turns (a process's own state, its memory layout, moved a
-    frozen-encoder ratio by 6-8% between single-process runs); ``batch_size``: the profile's (paper on a CPU: 2)."""
+    ``processes`` fresh processes per spec, the specs taking turns (a frozen-encoder ratio moves by up to 17% from
+    one process to the next); ``batch_size``: the profile's (paper on a CPU: 2). ``threads``: torch threads per
+    process, 0 for torch's default; None: 1 for tiny on a CPU, as the book trains (two threads made a frozen-encoder
+    ratio's process-to-process spread ~1.7x as wide: its short steps and the reference's long matmuls gain unequally
+    from the second core), else torch's default."""
     if steps < 2:
         raise ValueError(f"steps {steps}: at least 2 (an epoch's first step holds its set-up and is not timed)")
     if not 1 <= processes <= repeats:
@@ -160,17 +167,18 @@ def run_benchmark(profile: str = "tiny", steps: int = 16, repeats: int = 24, pro
     prof = get_profile(profile)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch_size = batch_size or (prof.batch_size if dev.type == "cuda" or prof.name == "tiny" else 2)
+    threads = (1 if prof.name == "tiny" and dev.type == "cpu" else 0) if threads is None else threads
     parts, load = {spec: [] for spec in specs or DEFAULT_SPECS}, os.getloadavg()  # other processes slow both loops
     for i, (spec, done) in enumerate((s, d) for _ in range(processes) for s, d in parts.items()):
         with multiprocessing.get_context("spawn").Pool(1) as pool:  # leaving the block terminates the process
             n = repeats // processes + (i // len(parts) < repeats % processes)
-            job = pool.apply_async(benchmark_spec, (spec, prof.name, steps, n, batch_size, str(dev)))
+            job = pool.apply_async(benchmark_spec, (spec, prof.name, steps, n, batch_size, str(dev), threads))
             try:
                 done.append(job.get(timeout=timeout_s))
             except multiprocessing.TimeoutError:
                 raise TimeoutError(f"benchmark of {spec} ({prof.name}) took over {timeout_s:.0f} s") from None
     return {"profile": prof.name, "steps": steps, "repeats": repeats, "processes": processes,
-            "batch_size": batch_size, "device": str(dev), "amortised_over": {
+            "batch_size": batch_size, "device": str(dev), "threads": threads or "torch default", "amortised_over": {
                 "train_questions": SLAKE_TRAIN_QUESTIONS, "images": SLAKE_TRAIN_IMAGES, "epochs": PAPER_EPOCHS},
             "environment": environment(make_accelerator(cpu=dev.type == "cpu")),
             "load_average": {"start": load, "end": os.getloadavg()}, "configs": [_pool(p) for p in parts.values()]}
@@ -188,6 +196,7 @@ def format_table(report: dict[str, Any]) -> str:
                            "ref MiB": ref["peak_memory_bytes"] / mib, "cache MiB": ours["cached"]["bytes"] / mib,
                            "train %": c["trainable_percent"]}
     return (f"benchmark: profile {report['profile']}, device {report['device']}, batch {report['batch_size']}, "
+            f"torch threads {report.get('threads', 'torch default')}, "
             f"{report['repeats']} repeats in {report['processes']} fresh processes per spec, the loops alternating "
             "step by step\n"
             + pd.DataFrame(rows).T.astype({"steps": int}).to_string(float_format="{:.2f}".format))

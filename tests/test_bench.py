@@ -10,6 +10,7 @@ def test_bench_alternates_step_by_step_in_fresh_processes_and_pools_them():
     (config,) = report["configs"]
     assert config["spec"] == "F/F/lora" and config["steps"] == 2 and report["repeats"] == 2
     assert report["processes"] == 2 and len(config["speedup_per_process"]) == 2  # one repeat in each process
+    assert report["threads"] == 1 and config["torch_threads"] == 1  # tiny on a CPU: one thread, as the book
     ours, ref = config["ours"], config["reference"]
     # each repeat's median step (ours: between two reference steps) times the steps: positive, every repeat
     assert all(s > 0 for s in ours["seconds"]["values"]) and len(ours["seconds"]["values"]) == 2
