@@ -78,8 +78,7 @@ def cmd_bench(args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    # the usage line names what was run: the `mile` console script, or `python -m mile_utils`
-    if prog is None:
+    if prog is None:  # the usage line names what was run: the `mile` console script, or `python -m mile_utils`
         prog = "python -m mile_utils" if Path(sys.argv[0]).name == "__main__.py" else Path(sys.argv[0]).name
     parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -1,8 +1,7 @@
-"""Component-wise PEFT of MISS/BLIP VQA: one spec says, for the ViT, the JTM and the decoder, F/T/or a method.
-lora, ia3, prefix, ptv2: the reference study's settings; the newer methods: peft's defaults on the LoRA targets,
-VeRA and OFT on Linears only (peft's VeRA has no Conv2d, peft 0.21's OFT Conv2d is no identity at init). peft's
-tuners adapt each component in place (the model stays a ``BlipForQuestionAnswering``); peft's ``PrefixEncoder``
-keys/values we prepend in each self-attention (peft does it for a whole model only). Load weights before adapting."""
+"""Component-wise PEFT of MISS/BLIP VQA: one spec gives the ViT, the JTM and the decoder each F, T or a method.
+lora, ia3, prefix, ptv2: the reference study's settings; newer methods: peft's defaults on the LoRA targets, VeRA
+and OFT on Linears only (peft's VeRA has no Conv2d, peft 0.21's OFT Conv2d is no identity at init). Load weights
+first. peft's tuners adapt each component in place; its ``PrefixEncoder`` keys/values we prepend per self-attention."""
 
 from __future__ import annotations
 
@@ -116,8 +115,7 @@ def _peft_config(spec: AdapterSpec, comp: str, component: nn.Module) -> peft.Pef
     lora = {"r": spec.rank, "lora_alpha": spec.lora_alpha, "lora_dropout": spec.lora_dropout, "bias": "none"}
     norms = sorted({n.rsplit(".", 1)[-1] for n, m in component.named_modules() if isinstance(m, nn.LayerNorm)})
     cls, options = {
-        "lora": (peft.LoraConfig, lora),
-        "dora": (peft.LoraConfig, {**lora, "use_dora": True}),
+        "lora": (peft.LoraConfig, lora), "dora": (peft.LoraConfig, {**lora, "use_dora": True}),
         "ia3": (peft.IA3Config, {"target_modules": ia3, "feedforward_modules": ia3_ff}),
         "vera": (peft.VeraConfig, {"target_modules": linear, "save_projection": False}),
         "loha": (peft.LoHaConfig, {"r": spec.rank}), "lokr": (peft.LoKrConfig, {"r": spec.rank}),
@@ -155,9 +153,8 @@ def _prefix_kv(component: nn.Module, args: Any) -> None:
     projecting per layer with a slice of the weight made each layer's backward write a gradient the size of the
     whole projection (14M floats at the paper size: an F/F/prefix step took 2.5x F/F/lora's)."""
     encoder = component.prefix_encoder
-    tokens = encoder.embedding.weight
-    object.__setattr__(component, "_mile_prefix_kv", encoder.transform(tokens) if hasattr(encoder, "transform")
-                       else tokens)
+    kv = encoder.transform(encoder.embedding.weight) if hasattr(encoder, "transform") else encoder.embedding.weight
+    object.__setattr__(component, "_mile_prefix_kv", kv)
 
 
 def _add_prefix(spec: AdapterSpec, component: nn.Module, method: str, inject: bool) -> None:
@@ -177,8 +174,7 @@ def _add_prefix(spec: AdapterSpec, component: nn.Module, method: str, inject: bo
 
 
 def apply_spec(model: nn.Module, spec: AdapterSpec | str, *, seed: int | None = None) -> nn.Module:
-    """Freeze ``model``, then make each component trainable, adapt it, or leave it frozen; returns ``model``.
-    ``seed`` seeds the adapters' initialisation (the global RNG is restored after)."""
+    """Freeze ``model``, then train, adapt or keep frozen each component (``seed``: the adapters' init); return it."""
     spec = AdapterSpec.parse(spec)
     if getattr(model, SPEC_ATTR, None) is not None:
         raise ValueError(f"model already carries adapter spec {getattr(model, SPEC_ATTR)}; build a fresh model")
@@ -221,7 +217,6 @@ def _carried(model: nn.Module, what: str) -> AdapterSpec:
 def count_parameters(model: nn.Module) -> dict[str, Any]:
     """Trainable and total parameters of an adapted model, whole and per component (tied ones once); ``adapter``:
     what the method added and trains (a no-op JTM prefix included, as the reference counted it)."""
-
     def count(module: nn.Module) -> dict[str, int]:
         params = list(module.parameters())
         return {"trainable": sum(p.numel() for p in params if p.requires_grad), "total": sum(p.numel() for p in params)}

@@ -1,11 +1,8 @@
-"""Benchmark, not a test: samples/s and peak memory of our loop (:func:`mile_utils.train.train_model`: frozen
-parts precomputed, trainable-only checkpoint) against a reference-style loop (as MILE/MISS: fp32, every component
-forward every step, model and optimizer saved each epoch), each configuration in fresh processes. Peak memory comes
-from warm-ups with one model alive; then the loops take turns step by step (one of ours, one of the reference), so
-a change of machine load hits both alike: a repeat's speedup is the ratio of their median step times (our step:
-from one reference step's end to the next one's start; the first of an epoch, which holds the run's set-up, is
-left out), the figure the median over all its processes' repeats. Checkpoint and precompute costs are amortised
-over the paper's SLAKE schedule (4,919 questions, 642 images, 130 epochs)."""
+"""Samples/s and peak memory of our loop (:func:`mile_utils.train.train_model`: frozen parts precomputed, trainable-only
+checkpoint) against a reference-style loop (as MILE/MISS: fp32, every component forward every step, model and optimizer
+saved each epoch). Peak memory comes from warm-ups with one model alive; then the loops take turns step by step, so a
+change of machine load hits both alike: a repeat's speedup is the ratio of their median step times, the figure the
+median over all repeats. Checkpoint and precompute costs are amortised over the paper's SLAKE schedule."""
 
 from __future__ import annotations
 
@@ -47,10 +44,8 @@ def _rate(seconds: float, samples: int, ckpt_s: float, cache_per_image_s: float 
 
 
 def _stats(values: Sequence[float]) -> dict[str, Any]:
-    """Median, spread ((max - min) / median) and the median's distribution-free 95% interval: the order statistics
-    k and n + 1 - k with k the largest such that P(Binomial(n, 1/2) < k) <= 2.5% (n < 6: none)."""
-    ordered, median = sorted(values), statistics.median(values)
-    n = len(values)
+    """Median, spread ((max - min) / median), the median's distribution-free 95% interval (none for n < 6)."""
+    ordered, median, n = sorted(values), statistics.median(values), len(values)
     k = max((j for j in range(1, n // 2 + 1) if scipy.stats.binom.cdf(j - 1, n, 0.5) <= 0.025), default=0)
     ci = [round(ordered[k - 1], 4), round(ordered[-k], 4)] if k >= 1 else None
     return {"median": round(median, 4), "ci95": ci, "spread": round((max(values) - min(values)) / median, 4),
@@ -74,16 +69,13 @@ def benchmark_spec(spec: str, profile: str, steps: int, repeats: int, batch_size
             acc.free_memory()  # the accelerator would otherwise keep every call's optimizer (and its state)
             return {**run["history"][0], "cache_s": run["cache_seconds"], "cached": run["cached"],
                     "memory": run["memory"]}
-        # warm-ups, one model alive at a time: allocators, kernels, each loop's own peak memory
-        model = build()
+        model = build()  # warm-ups, one model alive at a time: allocators, kernels, each loop's own peak memory
         params, warm_data = count_parameters(model), _dataset(profile, steps * batch_size, "validation")
         first = ours_epoch(model, warm_data, None)
         # the same records in every run (a step count chosen by timing gave each run other questions to pad)
         dataset, samples = _dataset(profile, steps * batch_size, "train"), steps * batch_size
         del model, warm_data
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        acc.free_memory()  # gc.collect() and, on a GPU, empty_cache()
         ref_model = build()
         collate = VQACollator(tokenizer, prof, dataset, need_pixels=True)
         optimizer = torch.optim.AdamW([p for p in ref_model.parameters() if p.requires_grad], lr=prof.lr,
@@ -140,8 +132,7 @@ def benchmark_spec(spec: str, profile: str, steps: int, repeats: int, batch_size
 
 
 def _pool(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One configuration's processes together: every figure's repeats pooled (:func:`_stats`), the largest peak
-    memory, and each process's median speedup (how far a process's own state moves it)."""
+    """A spec's processes pooled: repeats (:func:`_stats`), the largest peak memory, each process's median speedup."""
     def pooled(loop: str) -> dict[str, Any]:
         lists = [k for k, v in parts[0][loop].items() if isinstance(v, list)]
         return parts[0][loop] | {k: _stats([v for p in parts for v in p[loop][k]]) for k in lists} | {
@@ -154,12 +145,11 @@ def _pool(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def run_benchmark(profile: str = "tiny", steps: int = 16, repeats: int = 24, processes: int = 6,
                   batch_size: int | None = None, specs: Sequence[str] | None = None, device: str | None = None,
                   threads: int | None = None, timeout_s: float = 3600.0) -> dict[str, Any]:
-    """Benchmark ``specs`` (default :data:`DEFAULT_SPECS`): ``repeats`` epochs of ``steps`` steps each, split among
-    ``processes`` fresh processes per spec, the specs taking turns (a frozen-encoder ratio moves by up to 17% from
-    one process to the next); ``batch_size``: the profile's (paper on a CPU: 2). ``threads``: torch threads per
-    process, 0 for torch's default; None: 1 for tiny on a CPU, as the book trains (two threads made a frozen-encoder
-    ratio's process-to-process spread ~1.7x as wide: its short steps and the reference's long matmuls gain unequally
-    from the second core), else torch's default."""
+    """Benchmark ``specs``: ``repeats`` epochs of ``steps`` steps, split among ``processes`` fresh processes per spec,
+    the specs taking turns (a frozen-encoder ratio moves by up to 17% from one process to the next). ``threads``:
+    torch threads per process, 0: torch's default; None: 1 for tiny on a CPU, as the book trains (two threads widened
+    a frozen-encoder ratio's process-to-process spread ~1.7x: the reference's long matmuls gain more from the second
+    core than our short steps), else torch's default."""
     if steps < 2:
         raise ValueError(f"steps {steps}: at least 2 (an epoch's first step holds its set-up and is not timed)")
     if not 1 <= processes <= repeats:
@@ -198,5 +188,4 @@ def format_table(report: dict[str, Any]) -> str:
     return (f"benchmark: profile {report['profile']}, device {report['device']}, batch {report['batch_size']}, "
             f"torch threads {report.get('threads', 'torch default')}, "
             f"{report['repeats']} repeats in {report['processes']} fresh processes per spec, the loops alternating "
-            "step by step\n"
-            + pd.DataFrame(rows).T.astype({"steps": int}).to_string(float_format="{:.2f}".format))
+            "step by step\n" + pd.DataFrame(rows).T.astype({"steps": int}).to_string(float_format="{:.2f}".format))

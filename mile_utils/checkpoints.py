@@ -80,8 +80,7 @@ def _load_pickle(path: Path) -> Any:
     inert placeholders. Non-zip (pre-1.6) files go to torch's ``weights_only`` reader, which refuses them."""
     if not zipfile.is_zipfile(path):
         return torch.load(path, map_location="cpu", weights_only=True)
-    # torch reads the archive and tensors, our unpickler the pickle: no code from the file runs. weights_only=False
-    # only as torch takes a pickle_module with it alone (its own reader refuses the ruamel configs in MILE's files)
+    # weights_only=False only as torch takes a pickle_module with it alone; our unpickler still runs no code
     return torch.load(path, map_location="cpu", weights_only=False, pickle_module=types.SimpleNamespace(
         Unpickler=_Unpickler, __name__="mile_utils.checkpoints"))
 
@@ -113,11 +112,10 @@ def check_keys(source: str, expected: Mapping[str, Tensor], given: Mapping[str, 
 
 
 def load_weights(model: torch.nn.Module, source: str | os.PathLike[str] | Mapping[str, Tensor]) -> dict[str, Any]:
-    """Load ``source`` into a plain ``BlipForQuestionAnswering``: a BLIP/MISS pickle (a state dict, bare or under
-    ``model``), a ``.safetensors`` file, a Hugging Face BLIP VQA folder or hub id (local first), or a state dict.
-    Every key must match, shapes too, or :class:`CheckpointError` lists the differences. Returns ``kind`` ("blip":
-    names converted), ``loaded``, ``dropped`` (key -> why), ``interpolated`` (ViT grid positions before, after),
-    ``notes`` (config differences; the model's kept)."""
+    """Load ``source`` into a plain ``BlipForQuestionAnswering``: a BLIP/MISS pickle, a ``.safetensors`` file, a Hugging
+    Face BLIP VQA folder or hub id (local first), or a state dict. Keys and shapes must all match, else
+    :class:`CheckpointError` lists the differences. Returns ``kind`` ("blip": names converted), ``loaded``, ``dropped``
+    (key -> why), ``interpolated`` (ViT grid positions before, after), ``notes`` (config differences)."""
     src = "<state dict>" if isinstance(source, Mapping) else os.fspath(source)
     path = Path(src).expanduser()
     report: dict[str, Any] = {"source": src, "kind": "state_dict", "dropped": {}, "interpolated": None, "notes": []}

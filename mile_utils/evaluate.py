@@ -1,9 +1,8 @@
-"""One evaluation path for every method: the reference's beam search, to ``predictions.jsonl`` and the metrics.
-Generation is MISS's (MILE ``models/mile_vqa.py``, transformers 4.26: 3 beams, ``max_length`` 10 counting [DEC],
-``min_length`` 1, [SEP] ends) but for (1) the question mask: MISS passes all ones to ``generate`` (beams attend to
-question padding), we pass the real mask, as training does (``reference_quirk=True``: all ones); (2) a beam cut at
-``max_length`` is normalised by 9 tokens here, 10 there (transformers 5 counts generated tokens with [SEP], 4.26
-the hypothesis with [DEC]); answers ending in [SEP] score the same."""
+"""One evaluation path for every method: the reference's beam search. Generation is MISS's (MILE ``models/mile_vqa.py``,
+transformers 4.26: 3 beams, ``max_length`` 10 counting [DEC], ``min_length`` 1, [SEP] ends) but for (1) the question
+mask: MISS passes all ones (beams attend to question padding), we pass the real mask, as training does
+(``reference_quirk``: all ones); (2) a beam cut at ``max_length`` is normalised by 9 tokens here, 10 there (transformers
+5 counts generated tokens with [SEP], 4.26 the hypothesis with [DEC]); answers ending in [SEP] score the same."""
 
 from __future__ import annotations
 
@@ -14,17 +13,15 @@ from typing import Any
 
 import torch
 from accelerate.utils import send_to_device
-from torch import nn
 from tqdm.auto import tqdm
 
 from .files import atomic_write
 from .metrics import compute_metrics
-from .model import component_modules
 from .profiles import Profile, get_profile
 from .train import FrozenFeatures, VQACollator, question_states
 
 
-def evaluate_model(model: nn.Module, tokenizer: Any, profile: str | Profile, dataset: Any, *,
+def evaluate_model(model: torch.nn.Module, tokenizer: Any, profile: str | Profile, dataset: Any, *,
                    out_dir: str | Path | None = None, batch_size: int = 32, device: torch.device | str | None = None,
                    autocast: Any = None, dtype: torch.dtype = torch.float32, use_cache: bool = True,
                    reference_quirk: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -46,7 +43,7 @@ def evaluate_model(model: nn.Module, tokenizer: Any, profile: str | Profile, dat
         with autocast(), torch.no_grad():  # beam search from [DEC], as the reference
             states, qmask = question_states(model, batch), batch["attention_mask"]
             bos = torch.full((states.shape[0], 1), tokenizer.bos_token_id, dtype=torch.long, device=states.device)
-            out = component_modules(model)["dec"].generate(
+            out = model.text_decoder.generate(
                 input_ids=bos, encoder_hidden_states=states, num_beams=prof.num_beams,
                 encoder_attention_mask=torch.ones_like(qmask) if reference_quirk else qmask,
                 max_length=prof.max_answer_length, min_length=prof.min_answer_length,

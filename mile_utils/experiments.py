@@ -108,8 +108,7 @@ class RunConfig:
                 + ("-noop" if self.spec.jtm_prefix_noop else ""))
 
     def resolved(self) -> RunConfig:
-        """A copy with the profile's defaults and ``out`` set; ``method_lr``: the spec's methods' rates, or None (so
-        runs without them keep their identity)."""
+        """A copy with defaults and ``out`` set; ``method_lr``: the used methods' rates, or None (identity kept)."""
         prof, used = get_profile(self.profile), self.spec.methods.values()
         defaults = {name: getattr(prof, name) for name in ("epochs", "batch_size", "lr", "min_lr", "weight_decay")
                     if getattr(self, name) is None}
@@ -137,7 +136,7 @@ class RunConfig:
 
 
 @lru_cache(maxsize=256)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a changed file is read again
+def _file_digest(path: Path, size: int, mtime_ns: int) -> str:  # size and mtime: a changed file is read again
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         for chunk in iter(partial(stream.read, 1 << 20), b""):
@@ -154,8 +153,7 @@ def content_id(source: str | os.PathLike[str] | None) -> str | None:
     h = hashlib.sha256()
     for f in files:  # each file by its own digest (cached per process: a grid re-identifies one checkpoint often)
         st = f.stat()
-        h.update(f"{f.relative_to(path) if f != path else ''}:{_file_digest(str(f), st.st_size, st.st_mtime_ns)}\n"
-                 .encode())
+        h.update(f"{f.relative_to(path) if f != path else ''}:{_file_digest(f, st.st_size, st.st_mtime_ns)}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -224,8 +222,7 @@ def run_experiment(config: RunConfig, resume: bool = False, *, skip_finished: bo
                    keep_checkpoint: bool = False, progress: bool = True,
                    lock_timeout_s: float = RUN_LOCK_TIMEOUT_S) -> dict[str, Any]:
     """Train and evaluate ``config`` into ``out/``. ``resume`` continues from the last epoch's checkpoint (deleted at
-    the end unless ``keep_checkpoint``); with it or ``skip_finished`` a finished run of this identity is returned.
-    The run folder is locked while it trains: a process asking for the same run meanwhile waits for its results."""
+    the end unless ``keep_checkpoint``); with it or ``skip_finished`` a finished run of this identity is returned."""
     cfg = config.resolved()
     out = Path(cfg.out)
     wall_start = time.perf_counter()
@@ -244,7 +241,7 @@ def run_experiment(config: RunConfig, resume: bool = False, *, skip_finished: bo
     except OSError as err:
         raise PermissionError(f"run folder {out} is not writable ({err.strerror or err}): use another --out") from err
     acc = make_accelerator(cfg.grad_accum, cfg.mixed_precision)
-    # one lock per run, held by the main process (data-parallel ranks wait for it at the barrier)
+    # the run is locked while it trains, by the main process (data-parallel ranks wait for it at the barrier)
     with folder_lock(out, lock_timeout_s) if acc.is_main_process else nullcontext():
         acc.wait_for_everyone()
         if (done := finished()) is not None:  # another process trained it while this one waited
@@ -261,8 +258,7 @@ def run_experiment(config: RunConfig, resume: bool = False, *, skip_finished: bo
             evaluated = evaluate_model(
                 model, tokenizer, cfg.profile, VQADataset(eval_records, transform, train=False, seed=cfg.seed),
                 out_dir=out, batch_size=cfg.eval_batch_size or 64, device=acc.device, autocast=acc.autocast,
-                use_cache=cfg.use_cache,
-                dtype=torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32,
+                use_cache=cfg.use_cache, dtype=torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32,
                 reference_quirk=cfg.reference_quirk, progress=progress)
             eval_s, train_s = time.perf_counter() - eval_start, trained["train_seconds"]
             save_adapters(model, out / WEIGHTS_DIR)
@@ -278,8 +274,7 @@ def run_experiment(config: RunConfig, resume: bool = False, *, skip_finished: bo
                 "cache": {**trained["cached"], "eval_bytes": evaluated["cache"]["bytes"]},
                 # the training loop's peak (reset at its start); the frozen-feature precompute lies on the CPU apart
                 "memory": {**trained["memory"], "cache_bytes": trained["cached"]["bytes"]},
-                "environment": environment(acc), "files": {"predictions": "predictions.jsonl", "weights": WEIGHTS_DIR},
-            })
+                "environment": environment(acc), "files": {"predictions": "predictions.jsonl", "weights": WEIGHTS_DIR}})
             if not keep_checkpoint:
                 (out / CHECKPOINT_NAME).unlink(missing_ok=True)
         acc.wait_for_everyone()
@@ -289,25 +284,22 @@ def run_experiment(config: RunConfig, resume: bool = False, *, skip_finished: bo
 def results_row(results: dict[str, Any]) -> dict[str, Any]:
     """One flat table row of a run's results (what the grid table and the book's comparisons show)."""
     cfg, m, p, spec = results["config"], results["metrics"], results["params"], results["config"]["spec"]
-    return {
-        "spec": cfg["spec_str"], "vit": spec["vit"], "jtm": spec["jtm"], "dec": spec["dec"],
-        # the rank means something only where a ranked method (LoRA, ...) is used; elsewhere it is left empty
-        "rank": spec.get("rank") if any(spec[c] in RANKED for c in ("vit", "jtm", "dec")) else None,
-        "profile": cfg["profile"], "dataset": cfg["dataset"], "epochs": cfg["epochs"], "seed": cfg["seed"],
-        "trainable_pct": p.get("percent"), "trainable": p.get("trainable"), "total": p.get("total"),
-        "open": m["open"]["accuracy"], "closed": m["closed"]["accuracy"], "global": m["global"]["accuracy"],
-        "final_loss": results["history"][-1]["loss"] if results.get("history") else None,
-        "peak_memory_gb": results["memory"]["peak_bytes"] / 2**30, "memory_kind": results["memory"]["kind"],
-        "cache_gb": results["memory"].get("cache_bytes", 0) / 2**30,
-        "wall_s": results["timing"]["wall_s"], "train_samples_per_s": results["timing"]["train_samples_per_s"],
-        "device": results["environment"]["device_name"], "out": cfg["out"],
-    }
+    return {"spec": cfg["spec_str"], "vit": spec["vit"], "jtm": spec["jtm"], "dec": spec["dec"],
+            # the rank means something only where a ranked method (LoRA, ...) is used; elsewhere it is left empty
+            "rank": spec.get("rank") if any(spec[c] in RANKED for c in ("vit", "jtm", "dec")) else None,
+            "profile": cfg["profile"], "dataset": cfg["dataset"], "epochs": cfg["epochs"], "seed": cfg["seed"],
+            "trainable_pct": p.get("percent"), "trainable": p.get("trainable"), "total": p.get("total"),
+            "open": m["open"]["accuracy"], "closed": m["closed"]["accuracy"], "global": m["global"]["accuracy"],
+            "final_loss": results["history"][-1]["loss"] if results.get("history") else None,
+            "peak_memory_gb": results["memory"]["peak_bytes"] / 2**30, "memory_kind": results["memory"]["kind"],
+            "cache_gb": results["memory"].get("cache_bytes", 0) / 2**30,
+            "wall_s": results["timing"]["wall_s"], "train_samples_per_s": results["timing"]["train_samples_per_s"],
+            "device": results["environment"]["device_name"], "out": cfg["out"]}
 
 
 def run_grid(configs: Iterable[RunConfig], *, skip_finished: bool = True, progress: bool = True) -> pd.DataFrame:
     """Run each config (a finished run of the same identity in its folder is skipped) -> pandas table."""
-    return pd.DataFrame([results_row(run_experiment(c, skip_finished=skip_finished, progress=progress))
-                         for c in configs])
+    return pd.DataFrame(results_row(run_experiment(c, skip_finished=skip_finished, progress=progress)) for c in configs)
 
 
 def collect_results(root: str | Path) -> pd.DataFrame:

@@ -1,6 +1,5 @@
-"""The one way this package writes a file or folder: into a temporary one, then a rename, so that a reader, or a
-run killed mid-write, never sees half of it and the previous version stays intact; and the lock that lets processes
-(chapters built side by side) share one runs folder."""
+"""The one way this package writes a file or folder: into a temporary one, then a rename, so that a reader, or a run
+killed mid-write, never sees half of it and the previous version stays intact; and the lock for a shared runs folder."""
 
 from __future__ import annotations
 
@@ -34,8 +33,7 @@ def write_json(path: str | os.PathLike[str], obj: object) -> Path:
 
 
 def atomic_folder(path: str | os.PathLike[str], write: Callable[[Path], object], *, done: str) -> Path:
-    """Fill a temporary sibling folder with ``write(tmp)``, then rename it to ``path``: a reader never sees half a
-    folder. If another process renamed a complete one there first (with its ``done`` file or folder), that one stays."""
+    """:func:`atomic_write` for a folder; a complete one (holding ``done``) another process put there first stays."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
@@ -54,17 +52,13 @@ def atomic_folder(path: str | os.PathLike[str], write: Callable[[Path], object],
 @contextmanager
 def folder_lock(folder: str | os.PathLike[str], timeout_s: float) -> Iterator[Path]:
     """Hold ``folder/.lock`` while working in ``folder``: a second process waits, then finds the work done. The OS
-    drops the lock of a process that dies, so a killed run blocks nobody; past ``timeout_s`` the waiter raises,
-    naming the lock."""
+    drops the lock of a process that dies, so a killed run blocks nobody; past ``timeout_s`` the waiter raises."""
     Path(folder).mkdir(parents=True, exist_ok=True)
     lock = FileLock(Path(folder) / ".lock", timeout=timeout_s)
     try:
-        lock.acquire()
+        held = lock.acquire()
     except Timeout:
-        raise TimeoutError(f"{lock.lock_file} stayed locked for {timeout_s:.0f} s: another process is still "
-                           "working in this folder (a run of the same name); wait for it, or use another "
-                           "folder") from None
-    try:
+        raise TimeoutError(f"{lock.lock_file} stayed locked for {timeout_s:.0f} s: another process is still working "
+                           "in this folder (a run of the same name); wait for it, or use another folder") from None
+    with held:  # released on leaving
         yield Path(folder)
-    finally:
-        lock.release()

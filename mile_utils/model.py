@@ -59,9 +59,8 @@ def load_local_first(load: Callable[..., Any], source: str, what: str, error: ty
 
 
 def build_tokenizer(profile: str | Profile = "tiny", path: str | Path | None = None) -> Tokenizer:
-    """``tiny``: a BERT-uncased WordPiece tokenizer built offline: every printable ASCII character as a word start and
-    a ``##`` continuation (no English text maps to [UNK]), medical-VQA words, [DEC], [ENC]. ``paper``: bert-base-uncased
-    + [DEC]/[ENC] from ``path``, a folder or hub id (bert-base-uncased's, or a BLIP VQA snapshot), local files first."""
+    """``tiny``: a WordPiece tokenizer built offline, each printable ASCII character a word start and a ``##`` piece (no
+    English text maps to [UNK]); ``paper``: bert-base-uncased + [DEC]/[ENC] from ``path``, local files first."""
     prof = get_profile(profile)
     if path is None and prof.vocab_size is None:
         text = resources.files("mile_utils.reference").joinpath("tiny_vocab_words.txt").read_text(encoding="utf-8")

@@ -48,9 +48,8 @@ def _finish(ax: Axes, xlabel: str, ylabel: str, title: str | None, legend: str |
         ax.get_legend().remove()
     if len(labels) > 1:  # under the plot (beside it, it would shrink the fonts at page width); one entry says nothing
         ax.figure.set_layout_engine("constrained")
-        ax.figure.legend(handles, labels, title=legend, loc="outside lower center",
-                         ncol=max(1, min(4, len(labels), 80 // (max(map(len, labels)) + 8))),  # within the width
-                         frameon=False)
+        ax.figure.legend(handles, labels, title=legend, loc="outside lower center", frameon=False,
+                         ncol=max(1, min(4, len(labels), 80 // (max(map(len, labels)) + 8))))  # within the width
     return ax
 
 
@@ -63,9 +62,8 @@ def accuracy_bars(table: pd.DataFrame, label: str = "run", metrics: Sequence[str
                   title: str | None = None, floors: Mapping[str, float] | None = None, hue: str | None = None) -> Axes:
     """Horizontal bars of accuracy (%) per ``label`` with 95 % error bars (``<metric>_low/_high``; NaN: none, as
     a published number), one per metric or per ``hue`` group of the one metric; ``floors`` ({name: %}) as lines."""
-    missing = [c for c in (label, hue or label, *(m + e for m in metrics for e in ("", "_low", "_high")))
-               if c not in table.columns]
-    if missing:
+    if missing := [c for c in (label, hue or label, *(m + e for m in metrics for e in ("", "_low", "_high")))
+                   if c not in table.columns]:
         raise ValueError(f"accuracy_bars: table has no column(s) {missing}; columns are {list(table.columns)}")
     groups = ([(str(g), part, metrics[0]) for g, part in table.groupby(hue, sort=False)] if hue else
               [("global (all questions)" if m == "global" else m, table, m) for m in metrics])

@@ -1,6 +1,5 @@
-"""The one training loop, for every component spec, run by components as BLIP/MISS: ViT -> JTM (question attending
-to the image) -> decoder (answer attending to the question). Frozen components run once per run; Accelerate does
-device, bf16, accumulation and data parallel; AdamW, per-epoch cosine, an atomic checkpoint of the trainable part."""
+"""The one training loop for every component spec, run by components as BLIP/MISS (ViT -> JTM -> decoder), frozen
+ones once per run; Accelerate does device, bf16, accumulation and data parallel; AdamW, per-epoch cosine schedule."""
 
 from __future__ import annotations
 
@@ -201,8 +200,7 @@ def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *,
                 resume: bool = False, run_key: str = "", accelerator: Accelerator | None = None,
                 progress: bool = True, on_step: Callable[[], Any] | None = None) -> dict:
     """Train ``model`` in place with ``options`` (a resolved ``RunConfig``); with ``out_dir`` a checkpoint each epoch,
-    which ``resume`` continues if its ``run_key`` is this one. ``train_seconds``, ``samples``: this session's.
-    ``on_step()`` runs after each step (the benchmark times a reference-loop step there)."""
+    which ``resume`` continues if its ``run_key`` is this one; ``train_seconds``, ``samples``: this session's."""
     acc = accelerator or make_accelerator(options.grad_accum)
     if options.batch_size % acc.num_processes:
         raise ValueError(f"batch_size {options.batch_size} must be divisible by the {acc.num_processes} processes")
@@ -214,8 +212,7 @@ def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *,
     if options.gradient_checkpointing:
         # non-reentrant: gradients reach adapters inside checkpointed layers even when their inputs are frozen
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not named:
+    if not (named := [(n, p) for n, p in model.named_parameters() if p.requires_grad]):
         raise ValueError("the model has no trainable parameters: check the component spec")
     # AdamW groups: the base rate (first, maybe empty), then one per method of method_lr with its components' part
     method_lr = options.method_lr or {}
@@ -265,8 +262,7 @@ def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *,
         set_seed(int(np.random.SeedSequence([options.seed, epoch]).generate_state(1)[0]))
         order[:] = np.random.default_rng([options.seed, epoch]).permutation(len(order)).tolist()
         dataset.set_epoch(epoch)
-        loss_sum = torch.zeros((), device=acc.device, dtype=torch.float64)
-        seen = 0
+        loss_sum, seen = torch.zeros((), device=acc.device, dtype=torch.float64), 0
         for step, batch in enumerate(loader):
             batch = features.attach(batch, dataset, acc.autocast)
             # rows of a short last batch's padding (even_batches) count neither in the loss nor in the gradient:

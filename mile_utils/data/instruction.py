@@ -1,7 +1,6 @@
 """MILE's instruction format, seeded: templates, order and options as in its released ``RAD_instruction_data.json``.
-A CLOSED question gets all six templates (the third "judgmental"), an OPEN one the five others. Options: the answer
-plus the opposite Yes/No, else up to three answers of the split, same content type first (MILE drew its own at
-random: only their kind can match its file); shuffled once per record."""
+Options: the answer and the opposite Yes/No, else up to three answers of the split, same content type first (MILE drew
+its own at random: only their kind can match its file); shuffled once per record."""
 
 from __future__ import annotations
 

@@ -196,8 +196,7 @@ def _vqa_rad(target: Path, split: str, images: Path | None) -> list[dict[str, An
 
 
 def _instruction(path: Path, split: str, images: Path | None) -> list[dict[str, Any]]:
-    """MILE's instruction JSON: ``question_pool`` -> ``prompts``, its first the ``question``; without
-    ``answer_type``, CLOSED = yes/no. Images under ``images``, else the file's ``imgs/`` subfolder or folder."""
+    """MILE's instruction JSON: ``question_pool`` -> ``prompts`` (the first: ``question``); untyped: CLOSED = yes/no."""
     path = _split_file(path, split) if path.is_dir() else path
     images = images or (path.parent / "imgs" if (path.parent / "imgs").is_dir() else path.parent)
     rows = _read_json_list(path)
@@ -245,10 +244,9 @@ def _load(dataset: str, split: str, *, root: str | Path | None = None, path: str
 
 def load_records(dataset: str = "synthetic", split: str = "train", **kwargs: Any) -> list[Record]:
     """Records of one split (train, validation alias val/valid/validate/dev, test) of ``dataset``: ``synthetic``
-    (``size``, ``seed``; ``root``: the cache folder), ``slake`` (``root`` = the ``Slake1.0`` folder; ``lang``: one
-    language, None all), ``vqa-rad`` (``path`` = the OSF json or hub parquet file/folder, or ``root`` holding either;
-    train/test) or ``instruction`` (``path`` = a MILE instruction JSON, or ``root`` with ``<split>.json``; images under
-    ``root``, else next to the file). ``hub=True`` (or an id) downloads SLAKE/VQA-RAD; ``skip_bad``: warn, drop bad."""
+    (``size``, ``seed``; ``root``: its cache), ``slake`` (``root``: Slake1.0; ``lang``: one language, None all),
+    ``vqa-rad`` (``path``: OSF json or hub parquet file/folder, or ``root``), ``instruction`` (``path``: MILE JSON, or
+    ``root`` with ``<split>.json``). ``hub=True`` (or an id) downloads SLAKE/VQA-RAD; ``skip_bad``: warn, drop bad."""
     return _load(dataset, split, **kwargs)[0]
 
 

@@ -1,7 +1,6 @@
-"""The built-in ``synthetic`` Med-VQA set: brain MRI slices from real anatomy (nilearn's MNI152 template and tissue
-maps) in T1 or a T2-like contrast, with 0-2 lesions; questions in SLAKE's mould, answers balanced within each
-question text (a question-only model stays near chance). Each image has its own seed ``(seed, index)``, so a bigger
-set holds the smaller ones' images. The ``pretraining`` variant (tiny stand-in data) never asks :data:`UNASKED`."""
+"""The built-in ``synthetic`` Med-VQA set: brain MRI slices of real anatomy (nilearn's MNI152 template and tissue maps),
+T1 or T2-like, with 0-2 lesions; questions in SLAKE's mould, answers balanced per question text (a question-only model
+stays near chance). Each image has its own seed ``(seed, index)``, so a bigger set holds the smaller ones' images."""
 
 from __future__ import annotations
 
@@ -167,8 +166,7 @@ SAY = {"t1": "T1", "t2": "T2", "axial": "an axial", "coronal": "a coronal", "sag
 
 
 def _questions(scan: dict[str, Any], seed: int, variant: str = "") -> list[tuple[str, str, str, str]]:
-    """(question, answer, answer_type, content_type) of one image; ``pretraining`` drops :data:`UNASKED` after all
-    draws, so the other questions stay the same."""
+    """(question, answer, answer_type, content_type) of an image; ``pretraining`` drops UNASKED ones after all draws."""
     rng = np.random.default_rng([seed, scan["index"], GENERATOR_VERSION, 1])
 
     def pick(options: list[str]) -> str:  # a single option costs no draw
