@@ -80,7 +80,8 @@ def _load_pickle(path: Path) -> Any:
     inert placeholders. Non-zip (pre-1.6) files go to torch's ``weights_only`` reader, which refuses them."""
     if not zipfile.is_zipfile(path):
         return torch.load(path, map_location="cpu", weights_only=True)
-    # weights_only=False only as torch takes a pickle_module with it alone; our unpickler still runs no code
+    # torch reads the archive and tensors, our unpickler the pickle: no code from the file runs. weights_only=False
+    # only as torch takes a pickle_module with it alone (its own reader refuses the ruamel configs in MILE's files)
     return torch.load(path, map_location="cpu", weights_only=False, pickle_module=types.SimpleNamespace(
         Unpickler=_Unpickler, __name__="mile_utils.checkpoints"))
 

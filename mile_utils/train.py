@@ -200,7 +200,8 @@ def train_model(model: nn.Module, tokenizer: Any, dataset: Any, options: Any, *,
                 resume: bool = False, run_key: str = "", accelerator: Accelerator | None = None,
                 progress: bool = True, on_step: Callable[[], Any] | None = None) -> dict:
     """Train ``model`` in place with ``options`` (a resolved ``RunConfig``); with ``out_dir`` a checkpoint each epoch,
-    which ``resume`` continues if its ``run_key`` is this one; ``train_seconds``, ``samples``: this session's."""
+    which ``resume`` continues if its ``run_key`` is this one; ``train_seconds``, ``samples``: this session's.
+    ``on_step()`` runs after each step (the benchmark times a reference-loop step there)."""
     acc = accelerator or make_accelerator(options.grad_accum)
     if options.batch_size % acc.num_processes:
         raise ValueError(f"batch_size {options.batch_size} must be divisible by the {acc.num_processes} processes")
