@@ -104,7 +104,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = command("bench", cmd_bench, "samples/s, peak memory: our loop vs the reference", "profile", "batch_size")
     p.add_argument("--steps", type=int, default=16, help="steps per timed epoch (the same records every run)")
     p.add_argument("--repeats", type=int, default=24, help="timed epochs, each step of ours then one of the reference")
-    p.add_argument("--processes", type=int, default=6, help="fresh processes per spec, sharing its repeats")
+    p.add_argument("--processes", type=int, default=12, help="fresh processes per spec, sharing its repeats")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per process, 0: torch's default (default: 1 for tiny on a CPU, as the book)")
     p.add_argument("--specs", nargs="*", default=None, help="e.g. T/T/T F/F/lora")

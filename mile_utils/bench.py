@@ -10,6 +10,7 @@ import gc
 import multiprocessing
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -142,7 +143,7 @@ def _pool(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
                        "speedup_per_process": [round(statistics.median(p["speedup"]), 4) for p in parts]}
 
 
-def run_benchmark(profile: str = "tiny", steps: int = 16, repeats: int = 24, processes: int = 6,
+def run_benchmark(profile: str = "tiny", steps: int = 16, repeats: int = 24, processes: int = 12,
                   batch_size: int | None = None, specs: Sequence[str] | None = None, device: str | None = None,
                   threads: int | None = None, timeout_s: float = 3600.0) -> dict[str, Any]:
     """Benchmark ``specs``: ``repeats`` epochs of ``steps`` steps, split among ``processes`` fresh processes per spec,
@@ -159,12 +160,19 @@ def run_benchmark(profile: str = "tiny", steps: int = 16, repeats: int = 24, pro
     batch_size = batch_size or (prof.batch_size if dev.type == "cuda" or prof.name == "tiny" else 2)
     threads = (1 if prof.name == "tiny" and dev.type == "cpu" else 0) if threads is None else threads
     parts, load = {spec: [] for spec in specs or DEFAULT_SPECS}, os.getloadavg()  # other processes slow both loops
+    # each process is forked from a server that has only imported this module (~8 s of imports each saved, so more
+    # processes sample more of the machine's changing load); no fork on Windows and macOS: spawn
+    context = multiprocessing.get_context("forkserver" if sys.platform == "linux" else "spawn")
+    if sys.platform == "linux":
+        context.set_forkserver_preload([__name__])
     for i, (spec, done) in enumerate((s, d) for _ in range(processes) for s, d in parts.items()):
-        with multiprocessing.get_context("spawn").Pool(1) as pool:  # leaving the block terminates the process
+        with context.Pool(1) as pool:  # leaving the block terminates the process
             n = repeats // processes + (i // len(parts) < repeats % processes)
             job = pool.apply_async(benchmark_spec, (spec, prof.name, steps, n, batch_size, str(dev), threads))
             try:
                 done.append(job.get(timeout=timeout_s))
+                pool.close()  # the worker exits by itself: a terminated one can leave a semaphore to the tracker
+                pool.join()
             except multiprocessing.TimeoutError:
                 raise TimeoutError(f"benchmark of {spec} ({prof.name}) took over {timeout_s:.0f} s") from None
     return {"profile": prof.name, "steps": steps, "repeats": repeats, "processes": processes,
