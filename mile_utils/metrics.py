@@ -66,13 +66,11 @@ def compute_metrics(predictions: Mapping[Any, Any] | Iterable[Mapping[str, Any]]
                              f"once; got {row!r}")
         preds[str(row["qid"])] = "" if row["prediction"] is None else str(row["prediction"])
     gold_by_qid = {str(rec.qid): rec for rec in records}
-    if len(gold_by_qid) < len(records):
-        twice = [q for q, n in Counter(str(rec.qid) for rec in records).items() if n > 1]
+    if twice := [q for q, n in Counter(str(rec.qid) for rec in records).items() if n > 1]:
         raise ValueError(f"records: qid {twice[0]!r} appears twice; metrics match by qid")
-    unknown, absent = [q for q in preds if q not in gold_by_qid], [q for q in gold_by_qid if q not in preds]
-    if unknown:
+    if unknown := [q for q in preds if q not in gold_by_qid]:
         raise ValueError(f"{len(unknown)} prediction(s) for qids not in the records, e.g. {unknown[:5]}")
-    if absent:
+    if absent := [q for q in gold_by_qid if q not in preds]:
         raise ValueError(f"{len(absent)} record(s) have no prediction, e.g. qids {absent[:5]}")
     groups: dict[str, list[bool]] = defaultdict(list)
     yes_no: list[tuple[str, str]] = []
