@@ -50,8 +50,7 @@ def _collect(rows: Iterable[Mapping[str, Any]], key: str, split: str, source: st
     checked: dict[tuple[Any, str], str] = {}  # image -> problem ("" = none); SLAKE asks ~10 questions per image
     names = {"img_name": "image_name"} if key == "vqa-rad" else {}  # field names as the file has them
     for raw in rows:
-        bad = raw.get("bad") or _field_problem(raw, names)
-        if bad is None:
+        if (bad := raw.get("bad") or _field_problem(raw, names)) is None:
             answer = raw["answer"]  # numbers stored as numbers: 2.0 and 2 both read "2"
             answer = str(int(answer)) if isinstance(answer, float) and answer.is_integer() else str(answer).strip()
             rec = Record(img_name=str(raw["img_name"]).strip(), question=str(raw["question"]).strip(), answer=answer,
@@ -104,8 +103,7 @@ def _read_json_list(path: Path) -> list[dict[str, Any]]:
 
 
 def _split_file(folder: Path, split: str) -> Path:
-    found = [folder / f"{stem}.json" for stem in SPLIT_FILES[split] if (folder / f"{stem}.json").is_file()]
-    if not found:
+    if not (found := [folder / f"{stem}.json" for stem in SPLIT_FILES[split] if (folder / f"{stem}.json").is_file()]):
         tried = " or ".join(f"{s}.json" for s in SPLIT_FILES[split])
         raise FileNotFoundError(f"no {tried} in {folder}: pass the dataset folder with --root (python: root=...)")
     return found[0]
