@@ -230,10 +230,8 @@ def _write(out: Path, n_images: int, variant: str, seed: int) -> None:
         scan, pixels = _render(index, seed)
         # compress_level fixed and no optimisation pass: identical bytes for identical pixels
         Image.fromarray(pixels, mode="L").save(out / "imgs" / scan["img_name"], format="PNG", compress_level=6)
-        kind = KIND[scan["intensity"]] if scan["intensity"] else "none"
-        meta.append({**scan, "split": splits[index], "kind": kind})
-        for k, (question, answer, answer_type, content_type) in enumerate(_questions({**scan, "kind": kind}, seed,
-                                                                                       variant)):
+        meta.append({**scan, "split": splits[index], "kind": KIND.get(scan["intensity"], "none")})
+        for k, (question, answer, answer_type, content_type) in enumerate(_questions(meta[-1], seed, variant)):
             per_split[splits[index]].append({
                 "img_id": index, "img_name": scan["img_name"], "question": question, "answer": answer, "q_lang": "en",
                 "location": "Brain", "modality": "MRI", "answer_type": answer_type, "base_type": "vqa",
