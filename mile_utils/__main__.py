@@ -30,12 +30,9 @@ def _add_fields(p: argparse.ArgumentParser, cls: type, *only: str) -> None:
         if f.name == "spec" or (only and f.name not in only):
             continue
         kinds = [t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None)]
-        kw: dict = {"default": f.default, "help": f.metadata.get("help"), "dest": f.name}
-        if kinds == [bool]:
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw.update(type=kinds[0] if len(kinds) == 1 else str, choices=f.metadata.get("choices"))
-        p.add_argument("--" + f.name.replace("_", "-"), **kw)
+        kw = {"action": argparse.BooleanOptionalAction} if kinds == [bool] else {
+            "type": kinds[0] if len(kinds) == 1 else str, "choices": f.metadata.get("choices")}
+        p.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata.get("help"), **kw)
 
 
 def _values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
@@ -43,11 +40,10 @@ def _values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
 
 
 def cmd_params(args: argparse.Namespace) -> tuple[Any, str]:
-    spec = AdapterSpec(**_values(args, AdapterSpec))
-    r = parameter_report(spec, profile=args.profile)
+    r = parameter_report(AdapterSpec(**_values(args, AdapterSpec)), profile=args.profile)
     rows = [f"  {name:4s} {c['method']:7s} trainable {c['trainable']:>12,}  total {c['total']:>12,}"
             for name, c in r["components"].items()]
-    return r, "\n".join([f"{spec} on profile {args.profile}: {r['trainable']:,} trainable of {r['total']:,} "
+    return r, "\n".join([f"{r['spec']} on profile {args.profile}: {r['trainable']:,} trainable of {r['total']:,} "
                          f"({r['percent']:.3f}%)", *rows])
 
 
