@@ -200,18 +200,6 @@ def _questions(scan: dict[str, Any], seed: int, variant: str = "") -> list[tuple
     return out
 
 
-def parse_size(size: int | str | None) -> tuple[int, str]:
-    """(images, variant): ``None``/``"full"`` -> 700, ``"small"`` -> 160, or a number (at least 6); the
-    variant ``""`` (the chapters' set) or ``"pretraining"`` (``"pretraining"`` = 700 images, ``"pretraining:N"``)."""
-    variant, _, key = ("full" if size is None else str(size).strip().lower()).rpartition(":")
-    variant, key = ("pretraining", "full") if key == "pretraining" and not variant else (variant, key)
-    n = SIZES[key] if key in SIZES else int(key) if key.isdigit() else None
-    if n is None or n < MIN_IMAGES or variant not in ("", "pretraining"):
-        raise ValueError(f"synthetic size {size!r} (--size / size=): expected 'full', 'small' or a number of "
-                         f"images, at least {MIN_IMAGES} (one per split), optionally as 'pretraining:<size>'")
-    return n, variant
-
-
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MILE_DATA_DIR") or Path.home() / ".cache" / "mile_book").expanduser()
 
@@ -247,8 +235,15 @@ def _write(out: Path, n_images: int, variant: str, seed: int) -> None:
 
 
 def synthetic_dir(size: int | str | None = None, seed: int = 0, cache_dir: str | Path | None = None) -> Path:
-    """The set's folder in ``cache_dir`` ($MILE_DATA_DIR, ~/.cache/mile_book) named by its settings; made atomically."""
-    n_images, variant = parse_size(size)
+    """The set's folder in ``cache_dir`` ($MILE_DATA_DIR, ~/.cache/mile_book) named by its settings; made atomically.
+    ``size``: ``None``/``"full"`` -> 700 images, ``"small"`` -> 160, or a number (at least 6), each optionally as the
+    ``"pretraining:<size>"`` variant (``"pretraining"`` = 700 images); the chapters' set is the plain one."""
+    variant, _, key = ("full" if size is None else str(size).strip().lower()).rpartition(":")
+    variant, key = ("pretraining", "full") if key == "pretraining" and not variant else (variant, key)
+    n_images = SIZES[key] if key in SIZES else int(key) if key.isdigit() else None
+    if n_images is None or n_images < MIN_IMAGES or variant not in ("", "pretraining"):
+        raise ValueError(f"synthetic size {size!r} (--size / size=): expected 'full', 'small' or a number of "
+                         f"images, at least {MIN_IMAGES} (one per split), optionally as 'pretraining:<size>'")
     base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     spec = json.dumps({"version": GENERATOR_VERSION, "n_images": n_images, "seed": seed,
                        **({"variant": variant} if variant else {})}, sort_keys=True)
