@@ -316,8 +316,7 @@ def paper_rows(include_full: bool = True) -> list[dict[str, Any]]:
     keys = ("table", "params_pct", "memory_gb", "open", "closed", "global")
     rows = [{"spec": str(AdapterSpec(r["vit"], r["jtm"], r["dec"])), "rank": r.get("rank"), **{k: r[k] for k in keys}}
             for r in paper_reference()["tables_1_to_4"]]
-    full = {"spec": "T/T/T", "rank": None, **dict.fromkeys(keys), "params_pct": 100.0}
-    return rows + [full] * include_full
+    return rows + [{"spec": "T/T/T", "rank": None, **dict.fromkeys(keys), "params_pct": 100.0}] * include_full
 
 
 def paper_grid(base: RunConfig | None = None, *, table: int | None = None, include_full: bool = True,
