@@ -19,6 +19,7 @@ import transformers
 from IPython.display import HTML, Markdown
 
 from . import __version__, plots
+from .adapters import METHODS, REFUSED
 from .data import load_records
 from .experiments import RunConfig, collect_results, load_results, paper_rows, pretrained_stand_in, run_grid
 from .metrics import majority_baseline, mcnemar, normalize_answer, question_only_baseline
@@ -27,6 +28,9 @@ from .model import COMPONENTS
 ALPHA = 0.05  # a comparison's verdict: exact McNemar p below this
 QUESTIONS = ("open", "closed", "global")
 ROUNDING = {"trainable_pct": 3, "open": 1, "closed": 1, "global": 1, "final_loss": 3, "wall_s": 0}
+PAPER_METHODS = ("lora", "ia3", "prefix", "ptv2")  # the study's four; chapter 10 compares these with the newer ones
+NEWER_METHODS = ("dora", "vera", "loha", "lokr", "adalora", "oft", "ln")
+SHAPES = ("F/F/x", "F/x/x", "x/x/x")  # chapters 10-11: a method on the decoder, on the text stacks, everywhere
 DATA_SETTINGS = ("profile", "dataset", "size", "seed")  # all that a chapter which trains nothing reads
 SETTINGS = ("profile", "dataset", "size", "epochs", "batch_size", "lr", "min_lr", "weight_decay", "seed")
 
@@ -82,13 +86,35 @@ def _with_stats(runs: pd.DataFrame) -> pd.DataFrame:
                        shape=["/".join("F" if m == "F" else "x" for m in p) for p in parts])
 
 
+def beyond_grid(here: RunConfig, base: RunConfig, out_root: Path, methods: str = "all"
+                ) -> tuple[list[RunConfig], pd.DataFrame]:
+    """Chapters 10-11's grid: each of ``methods`` ("all" or e.g. "ia3,ln") in each of :data:`SHAPES`, unless a
+    component refuses it; the configs and the plan (spec or refusal per method and shape). A run of the paper's grid
+    with ``base``'s settings is read back from ``out_root``; the others lie in ``<out_root>-beyond``, out of
+    chapter 9's collection (:func:`collect`)."""
+    paper_specs, configs, plan = {r["spec"] for r in paper_rows()}, [], {}
+    wanted = PAPER_METHODS + NEWER_METHODS if methods == "all" else methods.split(",")
+    for method in (m for m in METHODS if m in PAPER_METHODS + NEWER_METHODS and m in wanted):
+        for shape in SHAPES:
+            spec = dict(zip(COMPONENTS, shape.replace("x", method).split("/"), strict=True))
+            refused = [f"refused: {c} {m}: {REFUSED[c, m]}" for c, m in spec.items() if (c, m) in REFUSED]
+            if not refused:
+                cfg = replace(here, spec=replace(here.spec, **spec))
+                root = out_root if here == base and cfg.spec_str in paper_specs else out_root.with_name(
+                    f"{out_root.name}-beyond")
+                configs.append(replace(cfg, out=str(root / cfg.slug)))
+            plan.setdefault(method, {})[shape] = refused[0] if refused else "/".join(spec.values())
+    return configs, pd.DataFrame(plan).T.rename_axis("method")
+
+
 def run(configs: Sequence[RunConfig], progress: bool = True) -> pd.DataFrame:
     """Run the configs (finished runs are read back): their table (:func:`_with_stats`) and ``config``."""
     return _with_stats(run_grid(configs, progress=progress)).assign(config=list(configs))
 
 
 def collect(runs_dir: str | Path) -> pd.DataFrame:
-    """:func:`run`'s table (a ``source``, no ``config``) of the runs under ``runs_dir`` but the stand-in's, ch. 10's."""
+    """:func:`run`'s table (a ``source``, no ``config``) of the runs under ``runs_dir`` but the stand-in's and those
+    of chapters 10-11."""
     every = collect_results(runs_dir)
     skip = every["out"].astype(str).str.contains(r"tiny-pretrained|-beyond(?:[/\\]|$)")
     every = _with_stats(every[~skip].reset_index(drop=True))
