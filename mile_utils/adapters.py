@@ -51,7 +51,7 @@ class AdapterSpec:
     lora_dropout: float = 0.1
     num_virtual_tokens: int = 10
     total_step: int = 1000  # AdaLoRA's budget schedule length: set it to the run's optimiser steps
-    # True reproduces the reference code's defect (chapter 10 measures it): the JTM's prefix encoder is built,
+    # True reproduces the reference code's defect (chapter 11 measures it): the JTM's prefix encoder is built,
     # counted as trainable and saved, but never reaches the attention, so the JTM runs as if frozen
     jtm_prefix_noop: bool = False
 
