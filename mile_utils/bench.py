@@ -163,10 +163,10 @@ def run_benchmark(profile: str = "tiny", steps: int = 16, repeats: int = 24, pro
     # each process is forked from a server that has only imported this module (~8 s of imports each saved, so more
     # processes sample more of the machine's changing load); no fork on Windows and macOS: spawn
     context = multiprocessing.get_context("forkserver" if sys.platform == "linux" else "spawn")
-    if sys.platform == "linux":
+    if context.get_start_method() == "forkserver":
         context.set_forkserver_preload([__name__])
     for i, (spec, done) in enumerate((s, d) for _ in range(processes) for s, d in parts.items()):
-        with context.Pool(1) as pool:  # leaving the block terminates the process
+        with context.Pool(1) as pool:  # on a timeout, leaving the block terminates the process
             n = repeats // processes + (i // len(parts) < repeats % processes)
             job = pool.apply_async(benchmark_spec, (spec, prof.name, steps, n, batch_size, str(dev), threads))
             try:

@@ -66,7 +66,8 @@ def compute_metrics(predictions: Mapping[Any, Any] | Iterable[Mapping[str, Any]]
                              f"once; got {row!r}")
         preds[str(row["qid"])] = "" if row["prediction"] is None else str(row["prediction"])
     gold_by_qid = {str(rec.qid): rec for rec in records}
-    if twice := [q for q, n in Counter(str(rec.qid) for rec in records).items() if n > 1]:
+    if len(gold_by_qid) < len(records):  # a duplicate: counted only then
+        twice = [q for q, n in Counter(str(rec.qid) for rec in records).items() if n > 1]
         raise ValueError(f"records: qid {twice[0]!r} appears twice; metrics match by qid")
     if unknown := [q for q in preds if q not in gold_by_qid]:
         raise ValueError(f"{len(unknown)} prediction(s) for qids not in the records, e.g. {unknown[:5]}")
