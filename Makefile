@@ -84,13 +84,14 @@ EXECUTED_NBS := $(NOTEBOOKS:notebooks/%=$(EXECUTED_NB)/%)
 $(EXECUTED_NB)/09_results.ipynb: $(patsubst notebooks/%,$(EXECUTED_NB)/%,$(wildcard notebooks/0[2-8]_*.ipynb))
 $(EXECUTED_NB)/11_seeds_and_the_encoder_prefix.ipynb: $(EXECUTED_NB)/10_beyond_the_paper.ipynb
 # The tiny chapters but 1 start from chapter 2's stand-in for pretrained MISS: it trains first (beside chapter 1,
-# which trains nothing), so that its minute counts in no chapter's time. The notebooks' own call finds it finished:
-# the same seed and size give the same run identity (a run is known by content, not by folder).
+# which trains nothing), so that its minute counts in no chapter's time: by the chapters' own call (book.setup), so
+# they find it finished (the same seed and size give the same run identity: a run is known by content, not folder).
 STAND_IN = $(if $(and $(filter tiny,$(PROFILE)),$(if $(CHECKPOINT),,yes)),stand-in)
 $(filter-out %/01_data_and_model.ipynb,$(EXECUTED_NBS)): | $(STAND_IN)
 stand-in: venv
-	@start=$$(date +%s); $(THREAD_ENV) $(PY) -c "import sys; from mile_utils.experiments import pretrained_stand_in; \
-	  s = int(sys.argv[2]); pretrained_stand_in(sys.argv[1], seed=s, data_seed=s, size=sys.argv[3], progress=False)" \
+	@mkdir -p $(EXECUTED); start=$$(date +%s); $(THREAD_ENV) $(PY) -c "import sys; from mile_utils import book; \
+	  size = sys.argv[3] if sys.argv[3] in ('small', 'full') else int(sys.argv[3]); \
+	  book.setup('tiny', 'synthetic', runs_dir=sys.argv[1], seed=int(sys.argv[2]), size=size, progress=False)" \
 	  "$(RUNS_DIR)" "$(or $(SEED),0)" "$(or $(SIZE),small)"; \
 	  echo "stand-in (chapter 2's pretrained MISS stand-in, before the chapters): $$(( $$(date +%s) - start )) s" \
 	  | tee -a $(EXECUTED)/timings.txt
